@@ -1,0 +1,31 @@
+"""Backbone registry: encoder towers keyed by name, built from a recipe's [backbone] section.
+
+Every backbone exposes the same small surface (`encode_image`, `encode_text`, `tokenize`,
+`image_parameters`, `text_parameters`, `image_size`, `feature_dim`) so methods never depend on
+which library (open_clip, transformers) provides the towers. Entries are import strings, so
+listing or validating recipes never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from cir_cli.errors import CirError
+
+if TYPE_CHECKING:
+    from cir_cli.recipes import BackboneConfig
+
+BACKBONES: dict[str, str] = {
+    "open_clip": "cir_cli.backbones.open_clip_towers:OpenClipBackbone",
+}
+
+
+def build_backbone(config: BackboneConfig) -> Any:
+    """Instantiate the backbone named by `config.name` with its weights loaded."""
+    target = BACKBONES.get(config.name)
+    if target is None:
+        raise CirError(f"unknown backbone '{config.name}'; known: {', '.join(sorted(BACKBONES))}")
+    module_name, class_name = target.split(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls.from_config(config)

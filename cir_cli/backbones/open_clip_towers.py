@@ -1,0 +1,156 @@
+"""CLIP towers from open_clip: built-in architectures by name + pretrained tag, or local weights.
+
+`pretrained` is either an open_clip tag for the architecture (`RN50x4` + `openai`,
+`ViT-L-14` + `openai`, `ViT-bigG-14` + `laion2b_s39b_b160k`), or a local file: a plain
+state dict (`.pt`/`.bin`/`.safetensors`, open_clip or OpenAI key names) or a CLIP4Cir
+fine-tuned checkpoint (`{'epoch', 'CLIP': state_dict}`, spec 7). Local files are loaded with
+`weights_only=True` and strictly.
+
+The configs in `configs/` (`cir-tiny`, `cir-tiny-rn`) are registered with open_clip at import:
+random-initialised tiny CLIPs for tests and the toy recipe, loaded through the same code path
+as the real models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import open_clip
+import torch
+from torch import nn
+
+from cir_cli.checkpoints import load_state_dict_strict, load_torch_checkpoint
+from cir_cli.errors import CirError
+
+if TYPE_CHECKING:
+    from cir_cli.recipes import BackboneConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+open_clip.add_model_config(CONFIG_DIR)
+
+
+def _read_local_weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    ckpt = load_torch_checkpoint(path)
+    # CLIP4Cir stage-I files keep the state dict under the class name (spec 7).
+    for key in ("CLIP", "state_dict"):
+        if key in ckpt and isinstance(ckpt[key], dict):
+            ckpt = ckpt[key]
+    state = {k.removeprefix("module."): v for k, v in ckpt.items()}
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CirError(f"{path}: expected a state dict of tensors (or {{'CLIP': state_dict}})")
+    return state
+
+
+class OpenClipBackbone(nn.Module):
+    """An open_clip CLIP model with the backbone surface the methods use."""
+
+    def __init__(self, model: nn.Module, tokenizer, arch: str, source: str) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.arch = arch
+        self.source = source
+
+    @classmethod
+    def from_config(cls, config: BackboneConfig) -> OpenClipBackbone:
+        if config.arch not in open_clip.list_models():
+            raise CirError(
+                f"backbone.arch '{config.arch}' is not an open_clip architecture "
+                "(see open_clip.list_models(); tiny test configs: cir-tiny, cir-tiny-rn)"
+            )
+        pretrained = config.pretrained
+        local = Path(pretrained).expanduser() if pretrained else None
+        if pretrained and (local.exists() or "/" in pretrained or local.suffix):
+            if not local.is_file():
+                raise CirError(f"backbone.pretrained: weights file not found: {local}")
+            model = open_clip.create_model(config.arch, pretrained=None)
+            state = _read_local_weights(local)
+            if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
+                state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+            # OpenAI files carry these three scalars; open_clip keeps them out of the state dict.
+            for extra in ("input_resolution", "context_length", "vocab_size"):
+                state.pop(extra, None)
+            load_state_dict_strict(model, state, str(local), ignore=["attn_mask"])
+            source = str(local)
+        elif pretrained:
+            tags = open_clip.list_pretrained_tags_by_model(config.arch)
+            if pretrained not in tags:
+                known = ", ".join(tags) or "none"
+                raise CirError(
+                    f"backbone.pretrained '{pretrained}' is neither a local file nor a tag of "
+                    f"{config.arch} (tags: {known})"
+                )
+            try:
+                model = open_clip.create_model(config.arch, pretrained=pretrained)
+            except Exception as exc:  # download failures come as many exception types
+                raise CirError(
+                    f"could not fetch {config.arch}/{pretrained} weights ({type(exc).__name__}); "
+                    "offline, download them once and set backbone.pretrained to the file path"
+                ) from None
+            source = f"{config.arch}/{pretrained}"
+        else:
+            # open_clip logs a root-level warning for random init; here it is what was asked.
+            import logging
+
+            root_logger = logging.getLogger()
+            level = root_logger.level
+            root_logger.setLevel(logging.ERROR)
+            try:
+                model = open_clip.create_model(config.arch, pretrained=None)
+            finally:
+                root_logger.setLevel(level)
+            source = f"{config.arch}/random-init"
+        tokenizer = open_clip.get_tokenizer(config.arch)
+        model.eval()
+        return cls(model, tokenizer, config.arch, source)
+
+    # -- backbone surface ------------------------------------------------------------------
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, tuple | list) else size)
+
+    @property
+    def feature_dim(self) -> int:
+        return (
+            int(self.model.text_projection.shape[-1])
+            if hasattr(self.model, "text_projection")
+            else int(self.model.embed_dim)
+        )
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        # open_clip's tokenizer truncates to the context length (the seeds' validation did
+        # not, and crashed on long captions: spec bug 16).
+        return self.tokenizer(texts)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Raw (unnormalised) projected image features, (B, D)."""
+        return self.model.encode_image(pixels)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Raw (unnormalised) projected text features, (B, D)."""
+        return self.model.encode_text(tokens)
+
+    def image_module(self) -> nn.Module:
+        return self.model.visual
+
+    def image_parameters(self) -> list[nn.Parameter]:
+        return list(self.model.visual.parameters())
+
+    def text_parameters(self) -> list[nn.Parameter]:
+        visual = {id(p) for p in self.model.visual.parameters()}
+        # logit_scale is CLIP's own temperature; CIR methods use a fixed scale, so it is left out.
+        return [
+            p
+            for name, p in self.model.named_parameters()
+            if id(p) not in visual and name != "logit_scale"
+        ]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)

@@ -1,0 +1,110 @@
+"""On-disk cache of frozen-tower features, keyed by weights hash + preprocessing + image name.
+
+Layout: `<cache root>/<key hash>/` holds `key.txt` (the full key, for humans) and shards
+`shard-<n>.npy` + `shard-<n>.json` (the names of the shard's rows). The JSON is written after
+the array and is the commit marker: a shard without it (a crash mid-write) is ignored, and both
+files are written atomically. Arrays are opened memory-mapped, so a large gallery costs no RAM
+until rows are read. Missing names are encoded in chunks, one shard per chunk, so an interrupted
+encoding of a large gallery resumes where it stopped.
+
+Any change of weights or preprocessing changes the key, so stale features are never served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cir_cli.io import atomic_path, write_text_atomic
+
+ComputeFn = Callable[[list[str]], torch.Tensor]
+
+
+class FeatureCache:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def _dir(self, key: str) -> Path:
+        return self.root / hashlib.sha256(key.encode()).hexdigest()[:32]
+
+    def _index(self, folder: Path) -> dict[str, tuple[Path, int]]:
+        index: dict[str, tuple[Path, int]] = {}
+        for names_file in sorted(folder.glob("shard-*.json")):
+            array_file = names_file.with_suffix(".npy")
+            if not array_file.is_file():
+                continue
+            names = json.loads(names_file.read_text(encoding="utf-8"))
+            for row, name in enumerate(names):
+                index[name] = (array_file, row)
+        return index
+
+    def cached_names(self, key: str) -> set[str]:
+        return set(self._index(self._dir(key)))
+
+    def get_or_compute(
+        self,
+        key: str,
+        names: Sequence[str],
+        compute: ComputeFn,
+        chunk_size: int = 4096,
+        on_hit: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Features for `names` in order; rows not yet cached are computed with `compute`.
+
+        `compute(names)` returns a (len(names), ...) tensor; it is called in chunks of at most
+        `chunk_size` names and each chunk is committed to disk before the next starts.
+        """
+        folder = self._dir(key)
+        folder.mkdir(parents=True, exist_ok=True)
+        key_file = folder / "key.txt"
+        if not key_file.exists():
+            write_text_atomic(key_file, key + "\n")
+        index = self._index(folder)
+        missing = list(dict.fromkeys(n for n in names if n not in index))
+        if on_hit is not None:
+            on_hit(len(names) - len(missing))
+        next_id = len(list(folder.glob("shard-*.json")))
+        for start in range(0, len(missing), chunk_size):
+            chunk = missing[start : start + chunk_size]
+            features = compute(chunk).detach().to("cpu")
+            if features.dtype == torch.bfloat16:  # numpy has no bfloat16
+                features = features.float()
+            stem = folder / f"shard-{next_id:05d}"
+            while stem.with_suffix(".json").exists():
+                next_id += 1
+                stem = folder / f"shard-{next_id:05d}"
+            with atomic_path(stem.with_suffix(".npy")) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, features.numpy())
+            write_text_atomic(stem.with_suffix(".json"), json.dumps(chunk))
+            for row, name in enumerate(chunk):
+                index[name] = (stem.with_suffix(".npy"), row)
+            next_id += 1
+        return self._gather(index, names)
+
+    @staticmethod
+    def _gather(index: dict[str, tuple[Path, int]], names: Sequence[str]) -> torch.Tensor:
+        arrays: dict[Path, np.ndarray] = {}
+        rows = []
+        for name in names:
+            path, row = index[name]
+            if path not in arrays:
+                arrays[path] = np.load(path, mmap_mode="r")
+            rows.append((path, row))
+        if not rows:
+            return torch.empty(0)
+        # Gather per shard with one fancy-index each (fast), then restore the requested order.
+        order: dict[Path, list[int]] = {}
+        positions: dict[Path, list[int]] = {}
+        for pos, (path, row) in enumerate(rows):
+            order.setdefault(path, []).append(row)
+            positions.setdefault(path, []).append(pos)
+        first = arrays[rows[0][0]]
+        out = np.empty((len(rows), *first.shape[1:]), dtype=first.dtype)
+        for path, shard_rows in order.items():
+            out[positions[path]] = arrays[path][shard_rows]
+        return torch.from_numpy(out)

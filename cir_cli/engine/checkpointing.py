@@ -1,0 +1,92 @@
+"""Run checkpoints: `<run>/checkpoints/{best,last}/` with our safe formats.
+
+Each checkpoint folder holds `weights.safetensors` (only the weights that trained) with a JSON
+sidecar (recipe, stage, epoch, step, metrics, the checkpoint it was trained on top of) and, for
+`last`, `training_state.pt` (optimizer, scaler, RNG states, epoch / batch position): plain
+tensors and containers, loaded with `weights_only=True`.
+
+A folder is written under a temporary name and renamed into place, so a crash never leaves a
+half checkpoint: either the previous `last` or the new one exists (`last.old` is picked up if
+the crash fell between the two renames).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cir_cli.checkpoints import load_torch_checkpoint, load_weights, save_weights
+from cir_cli.errors import CirError
+
+WEIGHTS = "weights.safetensors"
+TRAINING_STATE = "training_state.pt"
+
+
+def save_run_checkpoint(
+    run_dir: Path,
+    name: str,
+    weights: dict[str, torch.Tensor],
+    metadata: dict[str, Any],
+    training_state: dict[str, Any] | None = None,
+) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
+        save_weights(staging / WEIGHTS, weights, metadata)
+        if training_state is not None:
+            torch.save(training_state, staging / TRAINING_STATE)
+        old = root / f"{name}.old"
+        if final.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            final.rename(old)
+        staging.rename(final)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def _checkpoint_folder(root: Path, name: str) -> Path | None:
+    for candidate in (root / name, root / f"{name}.old"):
+        if (candidate / WEIGHTS).is_file():
+            return candidate
+    return None
+
+
+def latest_training_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(weights, training state) of the run's `last` checkpoint, or None for a fresh run."""
+    folder = _checkpoint_folder(Path(run_dir) / "checkpoints", "last")
+    if folder is None or not (folder / TRAINING_STATE).is_file():
+        return None
+    weights, _ = load_weights(folder / WEIGHTS)
+    return weights, load_torch_checkpoint(folder / TRAINING_STATE)
+
+
+def resolve_weights_file(path: str | Path) -> Path:
+    """A run dir, a checkpoint dir or a weights file -> the weights file to load.
+
+    A run dir resolves to its `best` checkpoint (falling back to `last`).
+    """
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if not p.exists():
+        raise CirError(f"checkpoint not found: {p}")
+    if (p / WEIGHTS).is_file():
+        return p / WEIGHTS
+    for name in ("best", "last"):
+        folder = _checkpoint_folder(p / "checkpoints", name)
+        if folder is not None:
+            return folder / WEIGHTS
+    raise CirError(
+        f"{p}: no checkpoint found (expected {WEIGHTS}, or checkpoints/best|last/ inside a run dir)"
+    )

@@ -1,0 +1,143 @@
+"""What a training run writes for people: metrics.csv, train_log.csv, curves.png, Comet, console.
+
+Only rank 0 writes. The Comet API key comes from the environment (COMET_API_KEY) and is never
+printed or stored; comet_ml is imported only when the recipe enables it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from cir_cli.io import atomic_path
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, enabled: bool = True, comet: Any = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.comet = comet
+        self.epoch_losses: list[tuple[int, float]] = []
+        self.history: list[dict[str, float]] = []
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            from rich.console import Console
+
+            Console(stderr=True, highlight=False).print(message)
+
+    def step(self, step: int, values: dict[str, float]) -> None:
+        if self.comet is not None:
+            self.comet.log_metrics({f"train/{k}": v for k, v in values.items()}, step=step)
+
+    def epoch(self, epoch: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        self.epoch_losses.append((epoch, loss))
+        if self.comet is not None and not math.isnan(loss):
+            self.comet.log_metric("train/epoch_loss", loss, epoch=epoch)
+
+    def load_history(self) -> list[dict[str, float]]:
+        path = self.run_dir / "metrics.csv"
+        if not path.is_file():
+            return []
+        import pandas as pd
+
+        self.history = pd.read_csv(path).to_dict("records")
+        return list(self.history)
+
+    def validation(self, row: dict[str, float], selection_metric: str) -> None:
+        if not self.enabled:
+            return
+        import pandas as pd
+
+        self.history.append(row)
+        with atomic_path(self.run_dir / "metrics.csv") as tmp:
+            pd.DataFrame(self.history).to_csv(tmp, index=False)
+        if self.comet is not None:
+            self.comet.log_metrics(
+                {f"val/{k}": v for k, v in row.items() if k not in ("epoch", "step")},
+                epoch=int(row["epoch"]),
+            )
+        self.plot_curves(selection_metric)
+        shown = {k: v for k, v in row.items() if k in ("epoch", "train_loss", selection_metric)}
+        recall_keys = [k for k in row if k.startswith("recall_at")][:3]
+        shown.update({k: row[k] for k in recall_keys})
+        self.info(
+            "validation  "
+            + "  ".join(
+                f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()
+            )
+        )
+
+    def plot_curves(self, selection_metric: str) -> None:
+        """curves.png: training loss and validation metrics over epochs."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+        if self.epoch_losses:
+            epochs, losses = zip(*self.epoch_losses, strict=True)
+            ax_loss.plot(epochs, losses, marker="o")
+        ax_loss.set(title="training loss", xlabel="epoch")
+        keys = [k for k in self.history[-1] if k not in ("epoch", "step", "train_loss")]
+        keys = [k for k in keys if "recall_at" in k or k == selection_metric][:6]
+        for key in keys:
+            xs = [r["epoch"] for r in self.history if key in r]
+            ax_metric.plot(xs, [r[key] for r in self.history if key in r], marker="o", label=key)
+        ax_metric.set(title="validation", xlabel="epoch", ylabel="%")
+        if keys:
+            ax_metric.legend(fontsize=7)
+        fig.tight_layout()
+        with atomic_path(self.run_dir / "curves.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=80)
+        plt.close(fig)
+
+
+def start_comet(logging_config: Any, run_dir: Path, recipe_dict: dict, project_default: str):
+    """An Experiment when the recipe enables Comet (offline archive or online), else None."""
+    if not logging_config.comet:
+        return None
+    import os
+
+    try:
+        import comet_ml
+    except ImportError:
+        from cir_cli.errors import CirError
+
+        raise CirError(
+            "logging.comet = true needs comet-ml: pip install 'cir-cli[comet]'"
+        ) from None
+    project = logging_config.project or project_default
+    if logging_config.comet_offline:
+        experiment = comet_ml.OfflineExperiment(
+            project_name=project,
+            workspace=logging_config.workspace,
+            offline_directory=str(run_dir / "comet"),
+        )
+    else:
+        if not os.environ.get("COMET_API_KEY"):
+            from cir_cli.errors import CirError
+
+            raise CirError(
+                "logging.comet = true needs COMET_API_KEY in the environment "
+                "(or set logging.comet_offline = true)"
+            )
+        experiment = comet_ml.Experiment(project_name=project, workspace=logging_config.workspace)
+    if logging_config.experiment_name:
+        experiment.set_name(logging_config.experiment_name)
+    experiment.log_parameters(_flatten(recipe_dict))
+    return experiment
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,223 @@
+"""Validation and test-split ranking through the method contract (methods/base.py).
+
+One code path for every dataset and method: image representations are computed once per image
+(cached on disk when the tower is frozen), references are looked up in them by name (never
+re-encoded), queries are composed in batches, and ranking is exact, chunked and stable
+(ranking.py). Dataset differences are data: `remove_reference` and groups on the CIRSplit, and
+the summary protocol below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from cir_cli import metrics, ranking
+from cir_cli.cache import FeatureCache
+from cir_cli.data.base import CIRSplit
+from cir_cli.methods.base import CIRMethod
+from cir_cli.progress import progress_bar
+
+# The metric each dataset's model selection uses (spec 5): FashionIQ (avg R@10 + avg R@50)/2,
+# CIRR (R@5 + R_subset@1)/2.
+SELECTION_METRIC = {"fashioniq": "average_recall", "cirr": "mean_r5_rs1"}
+RANKING_DEPTH = 50  # what the CIRR/CIRCO servers take
+
+
+@dataclass
+class SplitResult:
+    split: CIRSplit
+    recall: dict[int, float] = field(default_factory=dict)
+    subset_recall: dict[int, float] = field(default_factory=dict)
+    # Per query: top-50 gallery names (reference removed where the protocol says so).
+    top: list[list[str]] = field(default_factory=list)
+    # Per query: the group members (minus reference) in ranked order (CIRR subset protocol).
+    subset_top: list[list[str]] = field(default_factory=list)
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    splits: list[SplitResult]
+
+    def rankings(self) -> dict[str, list[str]]:
+        """query id -> top-50 gallery names (the shape the CIRR/CIRCO servers take)."""
+        return {
+            t.query_id: names
+            for result in self.splits
+            for t, names in zip(result.split.triplets, result.top, strict=True)
+        }
+
+
+def _autocast(model: CIRMethod):
+    device = model.device
+    precision = getattr(model.recipe.backbone, "precision", "fp32")
+    if device.type != "cuda" or precision == "fp32":
+        return torch.autocast(device_type=device.type, enabled=False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def compute_representations(
+    model: CIRMethod,
+    names: Sequence[str],
+    paths: dict,
+    batch_size: int,
+    num_workers: int,
+    description: str = "encoding images",
+) -> torch.Tensor:
+    """Run the method's image path over image files (decoded in DataLoader workers)."""
+    from torch.utils.data import DataLoader
+
+    from cir_cli.data.images import ImageFiles
+
+    dataset = ImageFiles([(n, paths[n]) for n in names], model.preprocess)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    chunks = []
+    was_training = model.training
+    model.eval()
+    with progress_bar(description, len(names)) as advance, torch.no_grad(), _autocast(model):
+        for _, pixels in loader:
+            chunks.append(model.image_representation(pixels.to(model.device)).float().cpu())
+            advance(len(pixels))
+    model.train(was_training)
+    return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+def split_representations(
+    model: CIRMethod,
+    split: CIRSplit,
+    cache: FeatureCache | None,
+    batch_size: int,
+    num_workers: int,
+) -> tuple[list[str], torch.Tensor]:
+    """Representations of every image the split needs (gallery first), cached when frozen."""
+    split.require_images()
+    names = split.image_names()
+    key = model.image_cache_key() if cache is not None else None
+
+    def compute(chunk: list[str]) -> torch.Tensor:
+        return compute_representations(
+            model,
+            chunk,
+            split.image_paths,
+            batch_size,
+            num_workers,
+            description=f"encoding {split.label}",
+        )
+
+    if key is None:
+        return names, compute(names)
+    return names, cache.get_or_compute(key, names, compute)
+
+
+@torch.no_grad()
+def evaluate_split(
+    model: CIRMethod,
+    split: CIRSplit,
+    cache: FeatureCache | None = None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    rank_chunk: int = 1024,
+    representations: tuple[list[str], torch.Tensor] | None = None,
+) -> SplitResult:
+    """Rank every query of `split` against its gallery and compute the split's recalls."""
+    names, reps = representations or split_representations(
+        model, split, cache, batch_size, num_workers
+    )
+    row_of = {n: i for i, n in enumerate(names)}
+    was_training = model.training
+    model.eval()
+    device = model.device
+    gallery_rows = torch.tensor([row_of[n] for n in split.gallery], dtype=torch.long)
+    gallery = model.targets_from_representation(reps[gallery_rows].to(device))
+    ref_rows = torch.tensor([row_of[t.reference] for t in split.triplets], dtype=torch.long)
+    texts = split.texts()
+
+    queries = []
+    with progress_bar(f"queries {split.label}", len(texts)) as advance:
+        for start in range(0, len(texts), batch_size):
+            rows = ref_rows[start : start + batch_size]
+            refs = reps[rows].to(device)
+            queries.append(
+                model.queries_from_representation(refs, texts[start : start + batch_size])
+            )
+            advance(len(rows))
+    query_features = torch.cat(queries) if queries else torch.empty(0, device=device)
+    model.train(was_training)
+
+    gidx = split.gallery_index
+    exclude = None
+    if split.remove_reference:
+        exclude = torch.tensor([gidx.get(t.reference, -1) for t in split.triplets])
+    score_fn = model.score
+    result = SplitResult(split)
+
+    top = ranking.rank_gallery(
+        query_features,
+        gallery,
+        RANKING_DEPTH,
+        exclude=exclude,
+        score_fn=score_fn,
+        chunk_size=rank_chunk,
+    )
+    result.top = [[split.gallery[i] for i in row] for row in top.indices.tolist()]
+
+    has_targets = all(t.target is not None for t in split.triplets)
+    if has_targets:
+        missing = [t.target for t in split.triplets if t.target not in gidx]
+        if missing:
+            from cir_cli.errors import CirError
+
+            raise CirError(
+                f"{split.label}: {len(missing)} target(s) not in the gallery, e.g. {missing[0]}"
+            )
+        targets = torch.tensor([gidx[t.target] for t in split.triplets])
+        ranks = ranking.target_ranks(
+            query_features,
+            gallery,
+            targets,
+            exclude=exclude,
+            score_fn=score_fn,
+            chunk_size=rank_chunk,
+        )
+        ks = metrics.CIRR_KS if split.dataset == "cirr" else metrics.FASHIONIQ_KS
+        result.recall = metrics.recall_from_ranks(ranks, ks)
+
+    if split.has_groups:
+        groups = torch.full((len(split.triplets), 6), -1, dtype=torch.long)
+        for qi, t in enumerate(split.triplets):
+            members = [gidx[m] for m in t.group if m != t.reference]
+            groups[qi, : len(members)] = torch.tensor(members, dtype=torch.long)
+        ordered = ranking.rank_within_groups(query_features, gallery, groups, score_fn=score_fn)
+        result.subset_top = [[split.gallery[i] for i in row if i >= 0] for row in ordered.tolist()]
+        if has_targets:
+            result.subset_recall = metrics.subset_recall_at_k(
+                ordered, targets, groups, metrics.CIRR_SUBSET_KS
+            )
+    return result
+
+
+def summarize(results: list[SplitResult]) -> dict[str, float]:
+    """The dataset's reported aggregates (spec 5) from per-split recalls."""
+    if not results or not results[0].recall:
+        return {}
+    dataset = results[0].split.dataset
+    if dataset == "cirr":
+        return metrics.cirr_summary(results[0].recall, results[0].subset_recall)
+    per_category = {r.split.subset or r.split.split: r.recall for r in results}
+    return metrics.fashioniq_summary(per_category)
+
+
+def evaluate(
+    model: CIRMethod,
+    splits: list[CIRSplit],
+    cache: FeatureCache | None = None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    rank_chunk: int = 1024,
+) -> Evaluation:
+    results = [evaluate_split(model, s, cache, batch_size, num_workers, rank_chunk) for s in splits]
+    return Evaluation(summarize(results), results)

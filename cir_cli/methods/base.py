@@ -1,0 +1,127 @@
+"""The interface every CIR method implements; evaluation, submission and search use only this.
+
+A method splits its image path in two, so frozen work is cached and never recomputed:
+
+    pixels --image_representation--> R  (cached on disk when `image_cache_key()` is not None)
+    R (reference) + texts --queries_from_representation--> normalised query features (Q, D)
+    R (gallery)           --targets_from_representation--> gallery features (N, D) or (N, T, D)
+    score(queries, targets) -> (Q, N) similarities
+
+CLIP4Cir: R = the raw CLIP image feature; queries = normalize(R + text) or the Combiner;
+targets = normalize(R); score = cosine. SPRC keeps 32 query tokens per image and scores by the
+max over them; LinCIR builds the query from text alone with a pseudo-token from R. The public
+`encode_*` helpers are the same functions composed, for notebooks and scripts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from cir_cli.recipes import Recipe
+
+
+def state_fingerprint(*modules: nn.Module) -> str:
+    """A content hash of the modules' weights and buffers (the feature-cache key's core)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(str(tensor.dtype).encode())
+            data = tensor.detach().to("cpu").contiguous()
+            if data.dtype == torch.bfloat16:
+                data = data.view(torch.int16)
+            digest.update(data.numpy().tobytes())
+    return digest.hexdigest()
+
+
+class CIRMethod(nn.Module):
+    """Base class of all methods (see the module docstring for the contract)."""
+
+    #: registry name, set by subclasses
+    name: str = ""
+
+    def __init__(self, recipe: Recipe) -> None:
+        super().__init__()
+        self.recipe = recipe
+        self._transform = None
+
+    # -- preprocessing ---------------------------------------------------------------------
+
+    @property
+    def image_size(self) -> int:
+        raise NotImplementedError
+
+    def preprocessing_id(self) -> str:
+        data = self.recipe.data
+        return f"{data.transform}-r{data.target_ratio}-s{self.image_size}"
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> normalised pixel tensor (3, S, S), with the recipe's pad transform."""
+        return self.transform(image)
+
+    @property
+    def transform(self):
+        if self._transform is None:
+            from cir_cli.data.transforms import build_transform
+
+            data = self.recipe.data
+            self._transform = build_transform(data.transform, self.image_size, data.target_ratio)
+        return self._transform
+
+    # -- the contract ------------------------------------------------------------------------
+
+    def image_cache_key(self) -> str | None:
+        """Key of the cached image representation, or None when it is trainable right now."""
+        raise NotImplementedError
+
+    def image_representation(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def queries_from_representation(
+        self, reference: torch.Tensor, texts: list[str]
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def targets_from_representation(self, representation: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(self, queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(Q, D) x (N, D) -> (Q, N) cosine similarities of normalised features."""
+        return queries @ targets.T
+
+    # -- convenience API (the same functions composed) ---------------------------------------
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_queries(self, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        return self.queries_from_representation(self.image_representation(pixels), texts)
+
+    @torch.no_grad()
+    def encode_targets(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.targets_from_representation(self.image_representation(pixels))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def load_checkpoint(self, path: str) -> None:
+        """Load trained weights (our format or the method's published layouts)."""
+        raise NotImplementedError(f"{self.name} cannot load checkpoints yet")
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name}

@@ -1,0 +1,431 @@
+"""CLIP4Cir (Baldrati et al.): element-wise sum (stage I) and the Combiner (stage II).
+
+Spec: clip4cir_blip4cir.md sections 3.2 (stage I), 4 (Combiner) and 5 (validation).
+With `method.combining = "sum"` and no fine-tuning this is also the zero-shot CLIP sum
+baseline (`clip_sum_*` recipes).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from cir_cli.backbones import build_backbone
+from cir_cli.methods.base import CIRMethod, state_fingerprint
+
+if TYPE_CHECKING:
+    from cir_cli.recipes import Recipe
+
+
+class Clip4Cir(CIRMethod):
+    name = "clip4cir"
+
+    def __init__(self, recipe: Recipe) -> None:
+        super().__init__(recipe)
+        self.backbone = build_backbone(recipe.backbone)
+        self.combiner = None
+        if recipe.method.combining == "combiner":
+            self.add_combiner()
+        self.logit_scale = recipe.method.logit_scale
+        # Which towers are being trained right now (set by the trainer): a trainable image
+        # tower must not be served from the feature cache.
+        self.image_tower_trainable = False
+
+    def add_combiner(self) -> None:
+        from cir_cli.modules import Combiner
+
+        cfg = self.recipe.combiner
+        self.combiner = Combiner(
+            self.backbone.feature_dim, cfg.projection_dim, cfg.hidden_dim, dropout=cfg.dropout
+        )
+
+    @property
+    def image_size(self) -> int:
+        return self.recipe.data.image_size or self.backbone.image_size
+
+    # -- towers ------------------------------------------------------------------------------
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Raw CLIP image features (B, D)."""
+        return self.backbone.encode_image(pixels.to(self.device))
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """Raw CLIP text features (B, D)."""
+        tokens = self.backbone.tokenize(list(texts)).to(self.device)
+        return self.backbone.encode_text(tokens)
+
+    # -- method contract ---------------------------------------------------------------------
+
+    def image_cache_key(self) -> str | None:
+        if self.image_tower_trainable:
+            return None
+        weights = state_fingerprint(self.backbone.image_module())
+        return f"clip-image-{self.backbone.arch}-{weights}-{self.preprocessing_id()}"
+
+    def image_representation(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.encode_images(pixels).float()
+
+    def compose(self, reference: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Normalised query features from raw reference-image and text features."""
+        if self.combiner is not None:
+            return self.combiner.combine_features(reference, text)
+        return F.normalize(reference + text, dim=-1)
+
+    def queries_from_representation(
+        self, reference: torch.Tensor, texts: list[str]
+    ) -> torch.Tensor:
+        text = self.encode_texts(texts).float()
+        return self.compose(reference.to(text.device).float(), text)
+
+    def targets_from_representation(self, representation: torch.Tensor) -> torch.Tensor:
+        return F.normalize(representation.float(), dim=-1)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "method": self.name,
+            "combining": "combiner" if self.combiner is not None else "sum",
+            "backbone": self.backbone.source,
+        }
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def load_checkpoint(self, path: str) -> None:
+        """Load our checkpoints (run/checkpoint dir, .safetensors) or the seeds' .pt files.
+
+        Seeds' layouts (spec 7): `{'epoch', 'CLIP': state_dict}` (fine-tuned CLIP, loaded
+        strictly into the backbone) and `{'epoch', 'Combiner': state_dict}`. Our combiner
+        checkpoints name the stage-I checkpoint they were trained on; it is loaded first.
+        """
+        from cir_cli.checkpoints import is_safetensors, load_torch_checkpoint, load_weights
+        from cir_cli.engine.checkpointing import resolve_weights_file
+        from cir_cli.engine.common import load_named_state
+        from cir_cli.errors import CirError
+
+        file = resolve_weights_file(path)
+        if is_safetensors(file):
+            state, meta = load_weights(file)
+            base = meta.get("base_checkpoint")
+            if base:
+                self.load_checkpoint(base)
+            if any(k.startswith("combiner.") for k in state) and self.combiner is None:
+                self._add_combiner_for(state, str(file))
+            load_named_state(self, state, str(file))
+            return
+        ckpt = load_torch_checkpoint(file)
+        if "Combiner" in ckpt:
+            from cir_cli.checkpoints import extract_state_dict, load_state_dict_strict
+
+            state = extract_state_dict(ckpt, "Combiner", file)
+            if self.combiner is None:
+                self._add_combiner_for({f"combiner.{k}": v for k, v in state.items()}, str(file))
+            load_state_dict_strict(self.combiner, state, str(file))
+        elif "CLIP" in ckpt:
+            from cir_cli.checkpoints import extract_state_dict, load_state_dict_strict
+
+            state = extract_state_dict(ckpt, "CLIP", file)
+            for extra in ("input_resolution", "context_length", "vocab_size"):
+                state.pop(extra, None)
+            load_state_dict_strict(self.backbone.model, state, str(file), ignore=["attn_mask"])
+        else:
+            raise CirError(
+                f"{file}: not a CLIP4Cir checkpoint (expected a 'CLIP' or 'Combiner' entry; "
+                f"found {sorted(ckpt)[:8]})"
+            )
+
+    def _add_combiner_for(self, state: dict, source: str) -> None:
+        from cir_cli.modules import Combiner
+        from cir_cli.modules.combiner import infer_combiner_dims
+
+        sub = {
+            k.removeprefix("combiner."): v for k, v in state.items() if k.startswith("combiner.")
+        }
+        d, p, h = infer_combiner_dims(sub, source)
+        self.combiner = Combiner(d, p, h, dropout=self.recipe.combiner.dropout).to(self.device)
+        self.combiner.eval()
+
+    # -- training ------------------------------------------------------------------------------
+
+    def finetune_task(self, device: torch.device) -> Clip4CirFinetune:
+        return Clip4CirFinetune(self, device)
+
+    def combiner_task(self, device: torch.device) -> Clip4CirCombinerTraining:
+        return Clip4CirCombinerTraining(self, device)
+
+
+class _Clip4CirTask:
+    """What both CLIP4Cir stages share: the data, validation and checkpoint plumbing."""
+
+    stage = ""
+
+    def __init__(self, model: Clip4Cir, device: torch.device) -> None:
+        from pathlib import Path
+
+        from cir_cli.api import default_cache, load_eval_splits
+        from cir_cli.data import load_train_split
+        from cir_cli.engine.common import train_caption_policy
+
+        self.model = model
+        self.recipe = model.recipe
+        self.device = device
+        data = self.recipe.data
+        categories = data.categories if data.dataset == "fashioniq" else None
+        self.split = load_train_split(
+            data.dataset, Path(data.root).expanduser(), categories, data.train_split
+        )
+        if any(t.target is None for t in self.split.triplets):
+            from cir_cli.errors import CirError
+
+            raise CirError(f"{self.split.label}: training needs targets for every triplet")
+        self.policy = train_caption_policy(self.split, data.train_caption_policy)
+        self.val_splits = load_eval_splits(self.recipe, data.val_split)
+        self.cache = default_cache(self.recipe)
+        self.epoch = 0
+        self.selection_metric = {"fashioniq": "average_recall"}.get(data.dataset, "mean_r5_rs1")
+
+    def num_samples(self) -> int:
+        return len(self.split.triplets)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def evaluate(self) -> dict[str, float]:
+        from cir_cli.evaluation import evaluate
+
+        cache = self.cache if self.model.image_cache_key() is not None else None
+        result = evaluate(
+            self.model,
+            self.val_splits,
+            cache=cache,
+            batch_size=self.recipe.eval.batch_size,
+            num_workers=self.recipe.data.num_workers,
+            rank_chunk=self.recipe.eval.rank_chunk,
+        )
+        return result.metrics
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        from cir_cli.engine.common import named_trainable_state
+
+        return named_trainable_state(self.model)
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        from cir_cli.engine.common import load_named_state
+
+        load_named_state(self.model, state, "resume state")
+
+    def checkpoint_metadata(self) -> dict:
+        return {"stage": self.stage, "recipe": self.recipe.to_dict()}
+
+    def train_image_features(self) -> tuple[dict[str, int], torch.Tensor]:
+        """Frozen image features of every training image, computed once through the cache."""
+        from cir_cli.evaluation import compute_representations
+
+        names = self.split.image_names()
+        key = self.model.image_cache_key()
+
+        def compute(chunk: list[str]) -> torch.Tensor:
+            return compute_representations(
+                self.model,
+                chunk,
+                self.split.image_paths,
+                self.recipe.eval.batch_size,
+                self.recipe.data.num_workers,
+                description="encoding training images",
+            )
+
+        feats = self.cache.get_or_compute(key, names, compute)
+        return {n: i for i, n in enumerate(names)}, feats
+
+
+class Clip4CirFinetune(_Clip4CirTask):
+    """Stage I (spec 3.2): sum of raw features, normalised, 100 x cosine, CE over the batch."""
+
+    stage = "finetune"
+
+    def __init__(self, model: Clip4Cir, device: torch.device) -> None:
+        super().__init__(model, device)
+        cfg = self.recipe.finetune
+        self.cfg = cfg
+        model.image_tower_trainable = cfg.encoder in ("both", "image")
+        self.features = None
+        if not model.image_tower_trainable:
+            # encoder = text: the image tower is frozen, so its features are computed once
+            # (cached on disk) and never re-encoded per epoch.
+            self.features = self.train_image_features()
+        if cfg.grad_checkpointing:
+            model.backbone.set_grad_checkpointing(True)
+
+    def dataset(self):
+        if self.features is not None:
+            return None
+        from cir_cli.engine.common import TripletImages
+
+        ds = TripletImages(self.split, self.model.preprocess, self.policy, self.recipe.seed)
+        ds.epoch = self.epoch
+        return ds
+
+    def collate(self, items):
+        from cir_cli.engine.common import collate_triplets
+
+        return collate_triplets(items)
+
+    def gather(self, indices: list[int]):
+        from cir_cli.engine.common import training_text
+
+        rows, feats = self.features
+        ts = [self.split.triplets[i] for i in indices]
+        refs = feats[[rows[t.reference] for t in ts]]
+        tgts = feats[[rows[t.target] for t in ts]]
+        texts = [
+            training_text(self.split, self.policy, self.recipe.seed, self.epoch, i) for i in indices
+        ]
+        return refs, tgts, texts
+
+    def param_groups(self) -> list[dict]:
+        backbone = self.model.backbone
+        params = {
+            "both": backbone.image_parameters() + backbone.text_parameters(),
+            "text": backbone.text_parameters(),
+            "image": backbone.image_parameters(),
+        }[self.cfg.encoder]
+        return [{"params": params, "lr": self.cfg.lr, "weight_decay": self.cfg.weight_decay}]
+
+    def make_optimizer(self, groups):
+        return torch.optim.AdamW(
+            groups,
+            lr=self.cfg.lr,
+            betas=self.cfg.betas,
+            eps=self.cfg.eps,
+            weight_decay=self.cfg.weight_decay,
+        )
+
+    def set_train_mode(self) -> None:
+        # CLIP4Cir keeps CLIP in eval mode while fine-tuning (spec 3.2 / bug 22): BatchNorm of
+        # RN backbones uses its running statistics; CLIP has no dropout. Kept for fidelity.
+        self.model.eval()
+
+    def compute_loss(self, batch):
+        from cir_cli.engine.common import contrastive_loss
+
+        refs, tgts, texts = batch
+        if self.features is not None:
+            ref_feats = refs.to(self.device)
+            tgt_feats = tgts.to(self.device)
+        else:
+            ref_feats = self.model.encode_images(refs)
+            tgt_feats = self.model.encode_images(tgts)
+        text_feats = self.model.encode_texts(texts)
+        queries = F.normalize(ref_feats.float() + text_feats.float(), dim=-1)
+        targets = F.normalize(tgt_feats.float(), dim=-1)
+        loss = contrastive_loss(queries, targets, self.model.logit_scale)
+        return loss, {}
+
+
+class Clip4CirCombinerTraining(_Clip4CirTask):
+    """Stage II (spec 4.2): the Combiner on cached features of the frozen stage-I encoders.
+
+    Image features are computed once per image and text features once per caption variant
+    (FashionIQ: the 4 joins), both through the feature cache; an epoch is then pure MLP work on
+    in-memory tensors (the seeds re-encoded everything every batch of every epoch).
+    """
+
+    stage = "combiner"
+
+    def __init__(self, model: Clip4Cir, device: torch.device) -> None:
+        super().__init__(model, device)
+        self.cfg = self.recipe.combiner
+        model.image_tower_trainable = False
+        if model.combiner is None:
+            model.add_combiner()
+            model.combiner.to(device)
+        from cir_cli.engine.common import all_text_variants
+
+        self.rows, self.image_feats = self.train_image_features()
+        variants = all_text_variants(self.split, self.policy)
+        texts = list(dict.fromkeys(v for vs in variants for v in vs))
+        text_key = f"clip-text-{self.model.backbone.arch}-{self._text_fingerprint()}"
+        text_feats = self.cache.get_or_compute(text_key, texts, self._encode_texts)
+        text_row = {t: i for i, t in enumerate(texts)}
+        width = max(len(vs) for vs in variants)
+        # (n_triplets, width) indices into text_feats; single-variant rows repeat their text.
+        self.variant_rows = torch.tensor(
+            [[text_row[vs[min(j, len(vs) - 1)]] for j in range(width)] for vs in variants]
+        )
+        self.text_feats = text_feats
+        self.ref_rows = torch.tensor([self.rows[t.reference] for t in self.split.triplets])
+        self.tgt_rows = torch.tensor([self.rows[t.target] for t in self.split.triplets])
+
+    def _text_fingerprint(self) -> str:
+        from cir_cli.methods.base import state_fingerprint
+
+        backbone = self.model.backbone
+        text_modules = [m for n, m in backbone.model.named_children() if n != "visual"]
+        return state_fingerprint(*text_modules)
+
+    @torch.no_grad()
+    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
+        from cir_cli.progress import progress_bar
+
+        self.model.eval()
+        out = []
+        batch = self.recipe.eval.batch_size
+        with progress_bar("encoding training texts", len(texts)) as advance:
+            for start in range(0, len(texts), batch):
+                out.append(self.model.encode_texts(texts[start : start + batch]).float().cpu())
+                advance(len(out[-1]))
+        return torch.cat(out)
+
+    def dataset(self):
+        return None
+
+    def collate(self, items):
+        return items
+
+    def gather(self, indices: list[int]):
+        from cir_cli.engine.common import text_variant
+
+        idx = torch.tensor(indices)
+        variant = (
+            torch.tensor(
+                [
+                    text_variant(self.split, self.policy, self.recipe.seed, self.epoch, i)
+                    for i in indices
+                ]
+            )
+            if self.variant_rows.shape[1] > 1
+            else torch.zeros(len(indices), dtype=torch.long)
+        )
+        text_rows = self.variant_rows[idx, variant]
+        return (
+            self.image_feats[self.ref_rows[idx]],
+            self.text_feats[text_rows],
+            self.image_feats[self.tgt_rows[idx]],
+        )
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.model.combiner.parameters()), "lr": self.cfg.lr}]
+
+    def make_optimizer(self, groups):
+        return torch.optim.Adam(groups, lr=self.cfg.lr)
+
+    def set_train_mode(self) -> None:
+        self.model.eval()
+        self.model.combiner.train()  # dropout 0.5 active, encoders frozen in eval
+
+    def compute_loss(self, batch):
+        from cir_cli.engine.common import contrastive_loss
+
+        refs, texts, tgts = (t.to(self.device, non_blocking=True) for t in batch)
+        queries = self.model.combiner.combine_features(refs, texts)
+        targets = F.normalize(tgts, dim=-1)
+        return contrastive_loss(queries, targets, self.model.logit_scale), {}
+
+    def checkpoint_metadata(self) -> dict:
+        meta = super().checkpoint_metadata()
+        base = self.recipe.finetune.checkpoint
+        if base:
+            from cir_cli.engine.checkpointing import resolve_weights_file
+
+            meta["base_checkpoint"] = str(resolve_weights_file(base).resolve())
+        return meta

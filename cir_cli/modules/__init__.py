@@ -1,0 +1,25 @@
+"""Trainable heads shared by the methods (Combiner, ...).
+
+Names are resolved lazily (PEP 562) so that importing `cir_cli.modules` does not import torch;
+`from cir_cli.modules import Combiner` still works and imports torch at that point.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cir_cli.modules.combiner import Combiner, CombinerParts
+
+__all__ = ["Combiner", "CombinerParts"]
+
+# Public name -> submodule that defines it.
+_LAZY = {"Combiner": "combiner", "CombinerParts": "combiner"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(f"{__name__}.{_LAZY[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,367 @@
+"""TOML recipes: schema, built-in lookup, `extends`, `--set` overrides and one-line errors.
+
+A recipe picks the method, backbone and dataset and holds every hyper-parameter of a run. It is
+the single source of truth: every run writes the resolved recipe into its manifest.
+
+This module imports only the standard library and pydantic, so `cir recipes list` stays fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cir_cli.errors import CirError
+
+# --------------------------------------------------------------------------------------------
+# Schema
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo in a recipe must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MethodConfig(_Section):
+    """Which CIR method composes the query (registry key `name`)."""
+
+    name: Literal["clip4cir"] = "clip4cir"
+    # How image and text features are fused at evaluation: the element-wise sum (stage I and
+    # the zero-shot baseline) or the trained Combiner (stage II).
+    combining: Literal["sum", "combiner"] = "sum"
+    logit_scale: float = 100.0
+
+
+class BackboneConfig(_Section):
+    """The encoder towers: registry key `name`, architecture and weights."""
+
+    name: Literal["open_clip"] = "open_clip"
+    arch: str = "RN50x4"
+    # A pretrained tag of the architecture (e.g. "openai") or a local checkpoint path; None =
+    # random initialisation (tests and the toy recipe).
+    pretrained: str | None = "openai"
+    # Precision of frozen towers during feature extraction on GPU (training precision is the
+    # stage's `amp`).
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+
+class DataConfig(_Section):
+    dataset: Literal["cirr", "fashioniq"] = "cirr"
+    root: str = "data/cirr_dataset"
+    # FashionIQ's "dress types"; ignored for CIRR. The toy FashionIQ layout uses shape names.
+    categories: list[str] = Field(default_factory=lambda: ["dress", "shirt", "toptee"])
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test1"
+    transform: Literal["targetpad", "squarepad", "clip"] = "targetpad"
+    target_ratio: float = Field(1.25, gt=0)
+    # None = the backbone's own input resolution (RN50x4: 288).
+    image_size: int | None = Field(None, gt=0)
+    # None = the dataset's training default: FashionIQ draws one of the 4 caption joins per
+    # sample (seeded), CIRR uses the caption verbatim.
+    train_caption_policy: Literal["verbatim", "fiq_eval", "fiq_random"] | None = None
+    num_workers: int = Field(2, ge=0)
+
+
+class FinetuneConfig(_Section):
+    """Stage I: fine-tune the encoders with the method's own query composition."""
+
+    epochs: int = Field(100, ge=0)
+    # Stop after this many optimizer steps (across epochs) when set.
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-6, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    eps: float = Field(1e-7, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    encoder: Literal["both", "text", "image"] = "both"
+    scheduler: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    validate_every: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    amp: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    grad_checkpointing: bool = False
+    # Also save the resumable `last` checkpoint every N optimizer steps (0: at validations only).
+    save_every_steps: int = Field(0, ge=0)
+    # A stage-I checkpoint (run dir, checkpoint dir or seed .pt) that later stages start from.
+    checkpoint: str | None = None
+
+
+class CombinerConfig(_Section):
+    """Stage II: train the Combiner on cached features of the frozen stage-I encoders."""
+
+    epochs: int = Field(300, ge=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(4096, ge=1)
+    lr: float = Field(2e-5, gt=0)
+    projection_dim: int = Field(2560, ge=1)
+    hidden_dim: int = Field(5120, ge=1)
+    dropout: float = Field(0.5, ge=0, lt=1)
+    validate_every: int = Field(1, ge=1)
+    amp: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    save_every_steps: int = Field(0, ge=0)
+
+
+class EvalConfig(_Section):
+    split: str = "val"
+    batch_size: int = Field(32, ge=1)
+    save_rankings: bool = False
+    # Query chunk for ranking: bounds the (chunk x gallery) score matrix in memory.
+    rank_chunk: int = Field(1024, ge=1)
+
+
+class LoggingConfig(_Section):
+    comet: bool = False
+    # Offline Comet writes an archive in the run dir; online needs COMET_API_KEY in the env.
+    comet_offline: bool = False
+    project: str | None = None
+    workspace: str | None = None
+    experiment_name: str | None = None
+    log_every: int = Field(10, ge=1)
+
+
+class OutputConfig(_Section):
+    dir: str = "runs"
+    # Feature cache root; None = <output dir>/../cache, shared by all runs.
+    cache_dir: str | None = None
+
+
+class Recipe(_Section):
+    name: str = ""
+    description: str = ""
+    seed: int = 0
+    device: str = "auto"
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    combiner: CombinerConfig = Field(default_factory=CombinerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in recipes
+
+
+def builtin_dir() -> Path:
+    """Where the shipped recipes are: inside the installed wheel, or the checkout's recipes/."""
+    package_copy = Path(__file__).resolve().parent / "recipes"
+    if package_copy.is_dir():
+        return package_copy
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in builtin_dir().glob("*.toml"))
+
+
+def header_comment(path: Path) -> str:
+    """The leading comment block of a recipe file (what it reproduces and how to run it)."""
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:].strip())
+    return "\n".join(lines).strip()
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """Resolve a built-in recipe name or a path to a TOML file."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.suffix == ".toml" or candidate.is_file() or "/" in name_or_path:
+        if not candidate.is_file():
+            raise CirError(f"recipe file not found: {candidate}")
+        return candidate
+    builtin = builtin_dir() / f"{name_or_path}.toml"
+    if builtin.is_file():
+        return builtin
+    close = difflib.get_close_matches(name_or_path, builtin_names(), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise CirError(
+        f"unknown recipe '{name_or_path}'{hint} (`cir recipes list` shows the built-in ones; "
+        "a path to a .toml file also works)"
+    )
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise CirError(f"{path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise CirError(f"{path}: cannot read recipe: {exc.strerror}") from None
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _load_raw(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a recipe and, recursively, the recipe it `extends`; the child's keys win."""
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(p.name for p in (*chain, resolved))
+        raise CirError(f"{path}: 'extends' forms a cycle: {cycle}")
+    raw = _read_toml(path)
+    parent_name = raw.pop("extends", None)
+    if parent_name is None:
+        return raw
+    if not isinstance(parent_name, str):
+        raise CirError(f"{path}: 'extends' must be a recipe name or path (a string)")
+    if not Path(parent_name).is_absolute() and (path.parent / f"{parent_name}.toml").is_file():
+        parent = path.parent / f"{parent_name}.toml"
+    else:
+        parent = find_recipe(parent_name)
+    return _deep_merge(_load_raw(parent, (*chain, resolved)), raw)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`finetune.lr=1e-5` -> (['finetune', 'lr'], 1e-05).
+
+    Values are TOML literals; bare words (paths, model names) are strings.
+    """
+    if "=" not in item:
+        raise CirError(f"--set {item!r}: expected key.path=value, e.g. --set finetune.lr=1e-5")
+    key, value_text = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise CirError(f"--set {item!r}: empty key; expected key.path=value")
+    try:
+        value = tomllib.loads(f"v = {value_text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = value_text  # a bare string such as a path or a model name
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    result = _deep_merge({}, raw)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = result
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise CirError(f"--set {item!r}: '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the section that `loc` points into (for close-match suggestions)."""
+    current: Any = model
+    for part in loc[:-1]:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = field.annotation
+    return list(getattr(current, "model_fields", {}))
+
+
+_TYPE_WORDS = {
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "model_type": "a table (section)",
+    "dict_type": "a table (section)",
+}
+
+
+def _describe_error(err: dict[str, Any], source: str) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        options = _fields_at(Recipe, loc)
+        close = difflib.get_close_matches(str(loc[-1]), options, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(options)}"
+        return f"{source}: unknown key '{key}'{hint}"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"{source}: {key} = {err.get('input')!r} is not allowed; expected one of {expected}"
+    if kind in _TYPE_WORDS:
+        return f"{source}: {key} must be {_TYPE_WORDS[kind]}, got {err.get('input')!r}"
+    return f"{source}: {key}: {err['msg']} (got {err.get('input')!r})"
+
+
+def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        # One line: the first problem is reported; fixing it reveals the next.
+        raise CirError(_describe_error(exc.errors()[0], source)) from None
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Load a built-in name or a TOML path, apply `extends` and `--set` overrides, validate."""
+    path = find_recipe(name_or_path)
+    raw = _load_raw(path)
+    raw.setdefault("name", path.stem)
+    source = str(path) if not overrides else f"{path} (with --set overrides)"
+    return validate_recipe(apply_overrides(raw, overrides or []), source)
+
+
+def copy_recipe(name: str, dest: Path, force: bool = False) -> Path:
+    """Copy a recipe file verbatim (comments included) to edit it locally, as `tune cp` does."""
+    src = find_recipe(name)
+    if dest.is_dir():
+        dest = dest / src.name
+    if dest.exists() and not force:
+        raise CirError(f"{dest} already exists; pass --force to overwrite")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------
+# TOML output (tomllib reads only); the recipes hold scalars, lists and nested tables.
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """Serialise a nested dict; None values are left out (TOML has no null: absent = default)."""
+    scalars = [(k, v) for k, v in data.items() if not isinstance(v, dict) and v is not None]
+    tables = [(k, v) for k, v in data.items() if isinstance(v, dict)]
+    lines = [f"{k} = {_toml_value(v)}" for k, v in scalars]
+    out = "\n".join(lines)
+    for key, table in tables:
+        name = f"{prefix}{key}"
+        body = to_toml(table, prefix=f"{name}.")
+        out += f"\n\n[{name}]\n{body}" if out or lines else f"[{name}]\n{body}"
+    return out.strip() + "\n"
