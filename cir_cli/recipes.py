@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import difflib
 import shutil
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -27,14 +28,21 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class MethodConfig(_Section):
-    """Which CIR method composes the query (registry key `name`)."""
+# Method sections: one class per method, discriminated by `name`. A method issue adds its
+# class here and to `MethodConfig` (keys a recipe may set under [method]).
+
+
+class Clip4CirMethod(_Section):
+    """CLIP4Cir (spec clip4cir_blip4cir.md 3.2, 4): sum in stage I, Combiner in stage II."""
 
     name: Literal["clip4cir"] = "clip4cir"
     # How image and text features are fused at evaluation: the element-wise sum (stage I and
     # the zero-shot baseline) or the trained Combiner (stage II).
     combining: Literal["sum", "combiner"] = "sum"
     logit_scale: float = 100.0
+
+
+MethodConfig = Annotated[Clip4CirMethod, Field(discriminator="name")]
 
 
 class BackboneConfig(_Section):
@@ -137,7 +145,7 @@ class Recipe(_Section):
     description: str = ""
     seed: int = 0
     device: str = "auto"
-    method: MethodConfig = Field(default_factory=MethodConfig)
+    method: MethodConfig = Field(default_factory=Clip4CirMethod)
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
@@ -264,15 +272,40 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return result
 
 
-def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Field names of the section that `loc` points into (for close-match suggestions)."""
-    current: Any = model
-    for part in loc[:-1]:
-        field = getattr(current, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        current = field.annotation
-    return list(getattr(current, "model_fields", {}))
+def _members(annotation: Any) -> list[type[BaseModel]]:
+    """The section classes an annotation can hold (unwraps Annotated / Union / Optional)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Annotated:
+        return _members(args[0])
+    if args:
+        return [m for a in args for m in _members(a)]
+    return (
+        [annotation] if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
+    )
+
+
+def _resolve_loc(loc: tuple[Any, ...]) -> tuple[list[str], list[str]]:
+    """(key path without union tags, field names of the section the last key sits in)."""
+    current: list[type[BaseModel]] = [Recipe]
+    path: list[str] = []
+    for i, part in enumerate(loc):
+        fields = {f: m.model_fields[f] for m in current for f in m.model_fields}
+        if part not in fields:
+            # A discriminated union puts the member's tag in the location: pick that member.
+            tagged = [
+                m
+                for m in current
+                if m.model_fields.get("name") is not None
+                and typing.get_args(m.model_fields["name"].annotation) == (part,)
+            ]
+            if tagged:
+                current = tagged
+                continue
+            return path + [str(p) for p in loc[i:]], list(fields)
+        path.append(str(part))
+        if i < len(loc) - 1:
+            current = _members(fields[part].annotation) or current
+    return path, list(dict.fromkeys(f for m in current for f in m.model_fields))
 
 
 _TYPE_WORDS = {
@@ -293,13 +326,18 @@ _TYPE_WORDS = {
 
 def _describe_error(err: dict[str, Any], source: str) -> str:
     loc = tuple(err["loc"])
-    key = ".".join(str(p) for p in loc)
     kind = err["type"]
     if kind == "extra_forbidden":
-        options = _fields_at(Recipe, loc)
+        path, options = _resolve_loc(loc)
+        key = ".".join(path)
         close = difflib.get_close_matches(str(loc[-1]), options, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(options)}"
         return f"{source}: unknown key '{key}'{hint}"
+    key = ".".join(_resolve_loc(loc)[0])
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        expected = err.get("ctx", {}).get("expected_tags", "")
+        given = err.get("input", {}).get("name")
+        return f"{source}: {key}.name = {given!r} is not known; expected one of {expected}"
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
         return f"{source}: {key} = {err.get('input')!r} is not allowed; expected one of {expected}"

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from cir_cli.backbones import build_backbone
+from cir_cli.engine.tasks import TripletTrainingTask
 from cir_cli.methods.base import CIRMethod, state_fingerprint
 
 if TYPE_CHECKING:
@@ -154,91 +155,7 @@ class Clip4Cir(CIRMethod):
         return Clip4CirCombinerTraining(self, device)
 
 
-class _Clip4CirTask:
-    """What both CLIP4Cir stages share: the data, validation and checkpoint plumbing."""
-
-    stage = ""
-
-    def __init__(self, model: Clip4Cir, device: torch.device) -> None:
-        from pathlib import Path
-
-        from cir_cli.api import default_cache, load_eval_splits
-        from cir_cli.data import load_train_split
-        from cir_cli.engine.common import train_caption_policy
-
-        self.model = model
-        self.recipe = model.recipe
-        self.device = device
-        data = self.recipe.data
-        categories = data.categories if data.dataset == "fashioniq" else None
-        self.split = load_train_split(
-            data.dataset, Path(data.root).expanduser(), categories, data.train_split
-        )
-        if any(t.target is None for t in self.split.triplets):
-            from cir_cli.errors import CirError
-
-            raise CirError(f"{self.split.label}: training needs targets for every triplet")
-        self.policy = train_caption_policy(self.split, data.train_caption_policy)
-        self.val_splits = load_eval_splits(self.recipe, data.val_split)
-        self.cache = default_cache(self.recipe)
-        self.epoch = 0
-        self.selection_metric = {"fashioniq": "average_recall"}.get(data.dataset, "mean_r5_rs1")
-
-    def num_samples(self) -> int:
-        return len(self.split.triplets)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def evaluate(self) -> dict[str, float]:
-        from cir_cli.evaluation import evaluate
-
-        cache = self.cache if self.model.image_cache_key() is not None else None
-        result = evaluate(
-            self.model,
-            self.val_splits,
-            cache=cache,
-            batch_size=self.recipe.eval.batch_size,
-            num_workers=self.recipe.data.num_workers,
-            rank_chunk=self.recipe.eval.rank_chunk,
-        )
-        return result.metrics
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        from cir_cli.engine.common import named_trainable_state
-
-        return named_trainable_state(self.model)
-
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        from cir_cli.engine.common import load_named_state
-
-        load_named_state(self.model, state, "resume state")
-
-    def checkpoint_metadata(self) -> dict:
-        return {"stage": self.stage, "recipe": self.recipe.to_dict()}
-
-    def train_image_features(self) -> tuple[dict[str, int], torch.Tensor]:
-        """Frozen image features of every training image, computed once through the cache."""
-        from cir_cli.evaluation import compute_representations
-
-        names = self.split.image_names()
-        key = self.model.image_cache_key()
-
-        def compute(chunk: list[str]) -> torch.Tensor:
-            return compute_representations(
-                self.model,
-                chunk,
-                self.split.image_paths,
-                self.recipe.eval.batch_size,
-                self.recipe.data.num_workers,
-                description="encoding training images",
-            )
-
-        feats = self.cache.get_or_compute(key, names, compute)
-        return {n: i for i, n in enumerate(names)}, feats
-
-
-class Clip4CirFinetune(_Clip4CirTask):
+class Clip4CirFinetune(TripletTrainingTask):
     """Stage I (spec 3.2): sum of raw features, normalised, 100 x cosine, CE over the batch."""
 
     stage = "finetune"
@@ -322,7 +239,7 @@ class Clip4CirFinetune(_Clip4CirTask):
         return loss, {}
 
 
-class Clip4CirCombinerTraining(_Clip4CirTask):
+class Clip4CirCombinerTraining(TripletTrainingTask):
     """Stage II (spec 4.2): the Combiner on cached features of the frozen stage-I encoders.
 
     Image features are computed once per image and text features once per caption variant

@@ -1,0 +1,96 @@
+"""Training-task base classes shared by the methods (see engine/trainer.py for the loop)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cir_cli.api import default_cache, load_eval_splits
+from cir_cli.data import load_train_split
+from cir_cli.engine.common import train_caption_policy
+from cir_cli.evaluation import SELECTION_METRIC
+from cir_cli.methods.base import CIRMethod
+
+
+class TripletTrainingTask:
+    """What every triplet-trained method stage shares: data, validation, checkpoint plumbing.
+
+    Subclasses set `stage` and implement `dataset`/`gather`, `param_groups`, `make_optimizer`,
+    `set_train_mode` and `compute_loss` (see engine/trainer.py `TrainingTask`).
+    """
+
+    stage = ""
+
+    def __init__(self, model: CIRMethod, device: torch.device) -> None:
+
+        self.model = model
+        self.recipe = model.recipe
+        self.device = device
+        data = self.recipe.data
+        categories = data.categories if data.dataset == "fashioniq" else None
+        self.split = load_train_split(
+            data.dataset, Path(data.root).expanduser(), categories, data.train_split
+        )
+        if any(t.target is None for t in self.split.triplets):
+            from cir_cli.errors import CirError
+
+            raise CirError(f"{self.split.label}: training needs targets for every triplet")
+        self.policy = train_caption_policy(self.split, data.train_caption_policy)
+        self.val_splits = load_eval_splits(self.recipe, data.val_split)
+        self.cache = default_cache(self.recipe)
+        self.epoch = 0
+        self.selection_metric = SELECTION_METRIC[data.dataset]
+
+    def num_samples(self) -> int:
+        return len(self.split.triplets)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def evaluate(self) -> dict[str, float]:
+        from cir_cli.evaluation import evaluate
+
+        cache = self.cache if self.model.image_cache_key() is not None else None
+        result = evaluate(
+            self.model,
+            self.val_splits,
+            cache=cache,
+            batch_size=self.recipe.eval.batch_size,
+            num_workers=self.recipe.data.num_workers,
+            rank_chunk=self.recipe.eval.rank_chunk,
+        )
+        return result.metrics
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        from cir_cli.engine.common import named_trainable_state
+
+        return named_trainable_state(self.model)
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        from cir_cli.engine.common import load_named_state
+
+        load_named_state(self.model, state, "resume state")
+
+    def checkpoint_metadata(self) -> dict:
+        return {"stage": self.stage, "recipe": self.recipe.to_dict()}
+
+    def train_image_features(self) -> tuple[dict[str, int], torch.Tensor]:
+        """Frozen image features of every training image, computed once through the cache."""
+        from cir_cli.evaluation import compute_representations
+
+        names = self.split.image_names()
+        key = self.model.image_cache_key()
+
+        def compute(chunk: list[str]) -> torch.Tensor:
+            return compute_representations(
+                self.model,
+                chunk,
+                self.split.image_paths,
+                self.recipe.eval.batch_size,
+                self.recipe.data.num_workers,
+                description="encoding training images",
+            )
+
+        feats = self.cache.get_or_compute(key, names, compute)
+        return {n: i for i, n in enumerate(names)}, feats
