@@ -49,7 +49,7 @@ def git_commit() -> str | None:
 
 
 def new_run_dir(output_dir: str | Path, recipe_name: str, stage: str) -> Path:
-    """`<output>/<recipe>-<stage>-<YYYYmmdd-HHMMSS>`: no ':' in names, unique if two start at once."""
+    """`<output>/<recipe>-<stage>-<YYYYmmdd-HHMMSS>`: no colons, unique if two start at once."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(output_dir) / f"{recipe_name or 'recipe'}-{stage}-{stamp}"
     candidate, n = base, 1

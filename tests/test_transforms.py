@@ -153,13 +153,19 @@ def test_missing_and_corrupt_images_raise(files: list[tuple[str, Path]], tmp_pat
 
 def test_worker_error_stays_one_line(files: list[tuple[str, Path]], tmp_path: Path) -> None:
     ds = ImageFiles([*files, ("m", tmp_path / "missing.png")], build_transform("clip", 8))
-    with pytest.raises(ImageLoadError) as info:
-        list(DataLoader(ds, batch_size=2, num_workers=1))
-    message = str(info.value)
+    batches = iter(DataLoader(ds, batch_size=2, num_workers=1))
+    try:
+        for _ in batches:
+            pass
+    except ImageLoadError as e:
+        message, worker_traceback = str(e), e.worker_traceback
+        # torch's re-raise leaves the exception in a reference cycle with the frames that hold
+        # the loader iterator; freed later by gc, the worker shutdown runs out of order and
+        # waits out a 5 s join timeout. Breaking the cycle lets `del` shut it down now.
+        e.__traceback__ = None
+    else:
+        pytest.fail("a missing image must raise ImageLoadError")
+    del batches
     assert "\n" not in message and message.startswith("image file ")
     assert "missing.png not found" in message
-    assert "Traceback" in info.value.worker_traceback
-    # torch's re-raise leaves the exception in a reference cycle with the frames holding the
-    # loader iterator; a later gc pass then shuts the worker down out of order and waits out a
-    # 5 s join timeout. Breaking the cycle frees the iterator now.
-    info.value.__traceback__ = None
+    assert "Traceback" in worker_traceback
