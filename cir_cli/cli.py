@@ -192,7 +192,7 @@ def prepare(
         console.print(summary)
         return
     from cir_cli.data import DATASETS
-    from cir_cli.data.check import check_dataset, format_report
+    from cir_cli.data.check import REPORT_COLUMNS, check_dataset, format_report, report_problems
 
     if dataset not in DATASETS:
         raise CirError(f"unknown dataset {dataset!r}; expected toy or one of {sorted(DATASETS)}")
@@ -201,12 +201,13 @@ def prepare(
     report = check_dataset(dataset, root, verify_images=not no_images)
     from rich.table import Table
 
-    rows = format_report(report)
-    table = Table(*rows[0], header_style="bold")
-    for row in rows[1:]:
-        table.add_row(*[str(c) for c in row])
+    table = Table(*REPORT_COLUMNS, header_style="bold", title=f"{dataset} at {root}")
+    for row in format_report(report):
+        table.add_row(*row)
     console.print(table)
-    problems = getattr(report, "problems", None)
+    if report.index_path:
+        console.print(f"index written to {report.index_path}")
+    problems = report_problems(report)
     if problems:
         for line in problems:
             console.print(f"[yellow]{line}[/]")

@@ -42,16 +42,52 @@ class Clip4CirMethod(_Section):
     logit_scale: float = 100.0
 
 
-MethodConfig = Annotated[Clip4CirMethod, Field(discriminator="name")]
+class LinCirMethod(_Section):
+    """LinCIR (spec lincir_searle_circo.md 1): Phi maps a CLIP image feature to a pseudo token.
+
+    Zero-shot: Phi is trained on text only (self-masking projection, `cir finetune`); queries
+    are the text feature of `prompt` with `$` replaced by Phi(image feature).
+    """
+
+    name: Literal["lincir"] = "lincir"
+    # Benchmark prompt (spec 1.5); `$` marks the pseudo token, {caption} the modification text.
+    prompt: str = "a photo of $ that {caption}"
+    # FashionIQ: average the two caption orders "{c1} and {c2}" / "{c2} and {c1}" (spec 1.5).
+    fiq_both_orders: bool = True
+    phi_dropout: float = Field(0.5, ge=0, lt=1)
+    # L2-normalise Phi's input at train and eval (LinCIR's --l2_normalize; off by default).
+    l2_normalize: bool = False
+    # SMP noise x = t + u * eps * noise_multiplier, u ~ U[0,1) per sample (spec 1.6).
+    noise_multiplier: float = Field(1.0, ge=0)
+    # EMA of Phi kept beside it during training (None: no EMA); use_ema evaluates with it.
+    ema_decay: float | None = Field(0.9999, gt=0, lt=1)
+    use_ema: bool = False
+    # Training text (spec 1.6): local .txt / .jsonl / .csv / .parquet files (column
+    # `text_column`) and Hugging Face dataset ids (needs the `datasets` package), mixed.
+    text_files: list[str] = Field(default_factory=list)
+    hf_datasets: list[str] = Field(default_factory=list)
+    text_column: str = "text"
+    max_texts: int | None = Field(None, ge=1)
+    # Keyword masking: spaCy when a pipeline is installed ("auto"), or the built-in heuristic.
+    keywords: Literal["auto", "spacy", "heuristic"] = "auto"
+    spacy_model: str = "en_core_web_sm"
+    # Encode each unmasked caption once through the feature cache (the seeds did it per step).
+    cache_caption_features: bool = True
+
+
+MethodConfig = Annotated[Clip4CirMethod | LinCirMethod, Field(discriminator="name")]
 
 
 class BackboneConfig(_Section):
     """The encoder towers: registry key `name`, architecture and weights."""
 
-    name: Literal["open_clip"] = "open_clip"
+    name: Literal["open_clip", "hf_clip"] = "open_clip"
+    # open_clip: an architecture name. hf_clip: a Hugging Face CLIP id (e.g.
+    # "openai/clip-vit-large-patch14") or a built-in tiny config ("cir-tiny-hf").
     arch: str = "RN50x4"
     # A pretrained tag of the architecture (e.g. "openai") or a local checkpoint path; None =
-    # random initialisation (tests and the toy recipe).
+    # random initialisation (tests and the toy recipe). hf_clip: a save_pretrained folder or a
+    # Hugging Face id (read from the local hub cache offline).
     pretrained: str | None = "openai"
     # Precision of frozen towers during feature extraction on GPU (training precision is the
     # stage's `amp`).
@@ -59,7 +95,7 @@ class BackboneConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal["cirr", "fashioniq"] = "cirr"
+    dataset: Literal["cirr", "fashioniq", "circo", "genecis"] = "cirr"
     root: str = "data/cirr_dataset"
     # FashionIQ's "dress types"; ignored for CIRR. The toy FashionIQ layout uses shape names.
     categories: list[str] = Field(default_factory=lambda: ["dress", "shirt", "toptee"])
@@ -92,6 +128,9 @@ class FinetuneConfig(_Section):
     warmup_steps: int = Field(0, ge=0)
     min_lr: float = Field(0.0, ge=0)
     validate_every: int = Field(1, ge=1)
+    # Validate every N optimizer steps instead of every `validate_every` epochs (0: off); for
+    # step-based stages such as LinCIR's (epochs = 0 with max_steps).
+    validate_every_steps: int = Field(0, ge=0)
     grad_accum: int = Field(1, ge=1)
     amp: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     grad_checkpointing: bool = False

@@ -175,6 +175,7 @@ def run_training(
             seed=recipe.seed,
             max_steps=cfg.max_steps,
             validate_every=cfg.validate_every,
+            validate_every_steps=getattr(cfg, "validate_every_steps", 0),
             grad_accum=getattr(cfg, "grad_accum", 1),
             amp=cfg.amp,
             scheduler=getattr(cfg, "scheduler", "constant"),

@@ -269,3 +269,10 @@ def test_import_is_cheap() -> None:
         "assert 'torch' not in sys.modules and 'PIL' not in sys.modules, sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_fashioniq_duplicate_gallery_name(tmp_path: Path) -> None:
+    _write(tmp_path / "image_splits/split.dress.val.json", ["a", "b", "a"])
+    _write(tmp_path / "captions/cap.dress.val.json", [])
+    with pytest.raises(CirError, match=r"split\.dress\.val\.json: image 'a' is listed more than"):
+        load_split("fashioniq", tmp_path, "val", categories=["dress"])

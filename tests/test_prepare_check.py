@@ -1,7 +1,8 @@
 """`cir prepare` dataset check over placeholder roots built from the real annotation files.
 
-Each image id gets the same tiny PNG (hard-linked where the filesystem allows: ~35k files in
-well under a second). Damage tests replace links with new files, never write through them.
+Each image id gets one tiny PNG (CIRR) or JPEG (FashionIQ) file, hard-linked where the filesystem
+allows (~35k files in well under a second). Damage tests replace links with new files, never
+write through them.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ def _shared() -> Path:
     return SHARED
 
 
-def _png_bytes() -> bytes:
+def _image_bytes(fmt: str) -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (4, 4), (200, 30, 30)).save(buf, format="PNG")
+    Image.new("RGB", (4, 4), (200, 30, 30)).save(buf, format=fmt)
     return buf.getvalue()
 
 
@@ -63,14 +64,18 @@ def _copy(src: Path, dst: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def source_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("png") / "placeholder.png"
-    path.write_bytes(_png_bytes())
-    return path
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny encoded image per format; every placeholder is a link to (or copy of) one."""
+    folder = tmp_path_factory.mktemp("placeholders")
+    out = {}
+    for ext, fmt in (("png", "PNG"), ("jpg", "JPEG")):
+        out[ext] = folder / f"placeholder.{ext}"
+        out[ext].write_bytes(_image_bytes(fmt))
+    return out
 
 
 @pytest.fixture(scope="module")
-def cirr_root(tmp_path_factory: pytest.TempPathFactory, source_png: Path) -> Path:
+def cirr_root(tmp_path_factory: pytest.TempPathFactory, sources: dict[str, Path]) -> Path:
     """CLIP4Cir layout: ROOT/cirr/{captions,image_splits}; images of val and test1 at ROOT/."""
     shared = _shared() / "cirr"
     root = tmp_path_factory.mktemp("cirr_dataset")
@@ -84,12 +89,12 @@ def cirr_root(tmp_path_factory: pytest.TempPathFactory, source_png: Path) -> Pat
         _copy(shared / "image_splits" / name, root / "cirr/image_splits" / name)
     for split in ("val", "test1"):
         (s,) = load_split("cirr", root, split)
-        _place_images(s.image_paths.values(), source_png)
+        _place_images(s.image_paths.values(), sources["png"])
     return root
 
 
 @pytest.fixture(scope="module")
-def fiq_root(tmp_path_factory: pytest.TempPathFactory, source_png: Path) -> Path:
+def fiq_root(tmp_path_factory: pytest.TempPathFactory, sources: dict[str, Path]) -> Path:
     """val and test annotations of every category (train left out: 45k more images)."""
     shared = _shared() / "fashioniq"
     root = tmp_path_factory.mktemp("fashionIQ_dataset")
@@ -102,7 +107,7 @@ def fiq_root(tmp_path_factory: pytest.TempPathFactory, source_png: Path) -> Path
     for split in ("val", "test"):
         for s in load_split("fashioniq", root, split):
             names.update(s.gallery)
-    _place_images((root / "images" / f"{n}.png" for n in sorted(names)), source_png)
+    _place_images((root / "images" / f"{n}.jpg" for n in sorted(names)), sources["jpg"])
     return root
 
 
@@ -158,7 +163,12 @@ def test_fashioniq_full_root(fiq_root: Path, tmp_path: Path) -> None:
     ]
     # Category and split selection.
     report = check_dataset(
-        "fashioniq", fiq_root, splits=["val"], categories=["shirt"], write_index=False
+        "fashioniq",
+        fiq_root,
+        splits=["val"],
+        categories=["shirt"],
+        verify_images=False,
+        write_index=False,
     )
     assert [(s.split, s.category, s.queries) for s in report.splits] == [("val", "shirt", 2038)]
 
@@ -219,9 +229,9 @@ def test_damaged_images_are_reported_exactly(cirr_root: Path, fiq_root: Path) ->
             s.missing == [name] for s in report.splits if s.missing
         )
         # The loader maps a name without a file to its `.jpg` path, the one reported.
-        assert report.missing_files == [fiq_root / "images" / f"{name}.jpg"]
+        assert report.missing_files == [path] and path.name == f"{name}.jpg"
     finally:
-        _place_images([path], fiq_root / "images" / f"{fiq_val[0].gallery[1]}.png")
+        _place_images([path], fiq_val[0].image_paths[fiq_val[0].gallery[1]])
 
 
 def _small_cirr(root: Path, captions: str) -> Path:

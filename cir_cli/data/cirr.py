@@ -93,7 +93,7 @@ def load(root: Path, split: str, categories: Sequence[str] | None = None) -> lis
         where = f"{captions_path} entry {i}"
         require_keys(rec, keys, where)
         pairid = rec["pairid"]
-        if isinstance(pairid, bool) or not isinstance(pairid, int | str):
+        if isinstance(pairid, bool) or not isinstance(pairid, int):
             raise CirError(f"{where}: 'pairid' must be an integer, got {pairid!r}")
         reference = expect_name(rec["reference"], name_to_rel, f"{where} 'reference'", split_path)
         target = None

@@ -79,13 +79,19 @@ def scan_images(images_dir: Path) -> dict[str, str]:
     return found
 
 
-def _load_category(root: Path, split: str, category: str, found: dict[str, Path]) -> CIRSplit:
+def _load_category(root: Path, split: str, category: str, found: dict[str, str]) -> CIRSplit:
     captions_path, split_path = annotation_files(root, split, category)
     names = read_annotation_json(split_path, list, "a list of image names", LAYOUT)
     gallery: list[str] = []
     for i, name in enumerate(names):
         gallery.append(expect_str(name, f"{split_path} entry {i}", "an image name string"))
     in_split = dict.fromkeys(gallery)
+    if len(in_split) != len(gallery):
+        dup = next(n for i, n in enumerate(gallery) if n in gallery[:i])
+        # A repeated gallery entry would give one image two ranks and skew recall.
+        raise CirError(
+            f"{split_path}: image '{dup}' is listed more than once; expected unique names"
+        )
     images_dir = root / "images"
     # A name without a file maps to the `.jpg` path the seeds would open, so the missing-image
     # check reports a concrete path.

@@ -61,6 +61,8 @@ class TrainSettings:
     seed: int
     max_steps: int | None = None
     validate_every: int = 1
+    # Validate every N optimizer steps (mid-epoch) instead of every `validate_every` epochs.
+    validate_every_steps: int = 0
     validate_before: bool = True
     grad_accum: int = 1
     amp: str = "auto"
@@ -283,7 +285,8 @@ class Trainer:
 
         steps_this_process = 0
         stop = total_steps == 0
-        while not stop and epoch < max(s.epochs, 1 if s.max_steps else 0):
+        # epochs = 0 with max_steps: a steps-only run, as many epochs as the steps need.
+        while not stop and (epoch < s.epochs or (not s.epochs and s.max_steps)):
             sampler.set_epoch(epoch, skip_batches=batch_in_epoch)
             task.set_epoch(epoch)
             loader = self._loader(sampler)
@@ -333,6 +336,13 @@ class Trainer:
                                 meta,
                                 training_state(),
                             )
+                        if (
+                            s.validate_every_steps
+                            and step % s.validate_every_steps == 0
+                            and not (total_steps and step >= total_steps)
+                        ):
+                            validate_and_save(epoch, float(np.mean(losses)))
+                            task.set_train_mode()
                         if s.stop_after_steps and steps_this_process >= s.stop_after_steps:
                             result.steps = step
                             result.stopped_early = True
@@ -344,7 +354,8 @@ class Trainer:
             epoch += 1
             batch_in_epoch = 0
             self.log.epoch(epoch, epoch_loss)
-            if epoch % s.validate_every == 0 or stop or epoch == s.epochs:
+            by_epoch = not s.validate_every_steps and epoch % s.validate_every == 0
+            if by_epoch or stop or epoch == s.epochs:
                 validate_and_save(epoch, epoch_loss)
         result.steps = step
         return result
