@@ -108,6 +108,7 @@ def _load(recipe: str, overrides: list[str] | None, output_dir: Path | None, dev
 def recipes_list() -> None:
     """Built-in recipes with a one-line description each."""
     import tomllib
+
     from rich.table import Table
 
     from cir_cli.recipes import builtin_dir, builtin_names

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import difflib
 import shutil
+import tomllib
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cir_cli.errors import CirError

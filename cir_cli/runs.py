@@ -68,7 +68,7 @@ def write_manifest(
     manifest = {
         "command": command,
         "argv": sys.argv,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "seed": recipe.seed,
         "git_commit": git_commit(),
         "versions": package_versions(),

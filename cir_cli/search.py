@@ -448,7 +448,7 @@ class IndexSummary:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def _provenance(model: CIRMethod, recipe: Recipe, checkpoint: str | None) -> dict[str, Any]:

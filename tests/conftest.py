@@ -1,4 +1,4 @@
-"""Shared fixtures: offline hub, a small toy dataset, recipes pointing at it, the real annotations."""
+"""Shared fixtures: offline hub, a small toy dataset, recipes using it, the real annotations."""
 
 from __future__ import annotations
 

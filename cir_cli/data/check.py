@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Container, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -274,7 +274,7 @@ def check_dataset(
     report = DatasetReport(
         dataset=dataset,
         root=root,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
         verify_images=verify_images,
         splits=reports,
         missing_files=[p for p, (kind, _) in problems.items() if kind == "missing"],

@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cir_cli.modules.combiner import Combiner, CombinerParts
+    from cir_cli.modules.phi import Phi
 
-__all__ = ["Combiner", "CombinerParts"]
+__all__ = ["Combiner", "CombinerParts", "Phi"]
 
 # Public name -> submodule that defines it.
-_LAZY = {"Combiner": "combiner", "CombinerParts": "combiner"}
+_LAZY = {"Combiner": "combiner", "CombinerParts": "combiner", "Phi": "phi"}
 
 
 def __getattr__(name: str) -> Any:
