@@ -53,11 +53,14 @@ class FeatureCache:
         compute: ComputeFn,
         chunk_size: int = 4096,
         on_hit: Callable[[int], None] | None = None,
-    ) -> torch.Tensor:
+        lazy: bool = False,
+    ) -> torch.Tensor | CachedRows:
         """Features for `names` in order; rows not yet cached are computed with `compute`.
 
         `compute(names)` returns a (len(names), ...) tensor; it is called in chunks of at most
         `chunk_size` names and each chunk is committed to disk before the next starts.
+        `lazy=True` returns a `CachedRows` that reads rows from the memory-mapped shards on
+        demand instead of one in-memory tensor (large per-image tensors, e.g. ViT tokens).
         """
         folder = self._dir(key)
         folder.mkdir(parents=True, exist_ok=True)
@@ -84,6 +87,8 @@ class FeatureCache:
             for row, name in enumerate(chunk):
                 index[name] = (stem.with_suffix(".npy"), row)
             next_id += 1
+        if lazy:
+            return CachedRows(index, list(names))
         return self._gather(index, names)
 
     @staticmethod
@@ -108,3 +113,21 @@ class FeatureCache:
         for path, shard_rows in order.items():
             out[positions[path]] = arrays[path][shard_rows]
         return torch.from_numpy(out)
+
+
+class CachedRows:
+    """Rows of a cached feature set, read from the memory-mapped shards when indexed.
+
+    `rows[[i, j, ...]]` (positions in the `names` given to `get_or_compute`) -> a tensor.
+    """
+
+    def __init__(self, index: dict[str, tuple[Path, int]], names: list[str]) -> None:
+        self._index = index
+        self.names = names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, rows: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        positions = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
+        return FeatureCache._gather(self._index, [self.names[int(i)] for i in positions])

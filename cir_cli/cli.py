@@ -311,7 +311,9 @@ def train_combiner(
 @app.command()
 @cli_command
 def submit(
-    benchmark: Annotated[str, typer.Argument(help="cirr (test1 server files).")],
+    benchmark: Annotated[
+        str, typer.Argument(help="cirr (test1 server files) or circo (test top-50 ids).")
+    ],
     recipe: RecipeOpt,
     overrides: SetOpt = None,
     output_dir: OutOpt = None,
@@ -328,6 +330,9 @@ def submit(
     paths = run_submission(cfg, benchmark, checkpoint=checkpoint, name=name)
     for path in paths:
         _console().print(f"wrote {path}")
+
+
+from cir_cli import cli_search  # noqa: E402,F401  (registers `cir index` and `cir search`)
 
 
 def main() -> None:

@@ -23,6 +23,10 @@ from cir_cli.progress import progress_bar
 # The metric each dataset's model selection uses (spec 5): FashionIQ (avg R@10 + avg R@50)/2,
 # CIRR (R@5 + R_subset@1)/2.
 SELECTION_METRIC = {"fashioniq": "average_recall", "cirr": "mean_r5_rs1"}
+# Multi-ground-truth and per-query-candidate benchmarks (spec lincir_searle_circo.md 3.3, 3.4).
+SELECTION_METRIC.update({"circo": "map_at10", "genecis": "average_recall_at1"})
+# Recall@k of the single target over the whole gallery; GeneCIS only ranks within candidates.
+RECALL_KS = {"cirr": metrics.CIRR_KS, "circo": metrics.CIRCO_KS, "genecis": ()}
 RANKING_DEPTH = 50  # what the CIRR/CIRCO servers take
 
 
@@ -35,6 +39,9 @@ class SplitResult:
     top: list[list[str]] = field(default_factory=list)
     # Per query: the group members (minus reference) in ranked order (CIRR subset protocol).
     subset_top: list[list[str]] = field(default_factory=list)
+    # Multi-target splits (Triplet.targets, CIRCO): mAP@k of the top-50, and mAP@10 per tag.
+    map_at: dict[int, float] = field(default_factory=dict)
+    tag_map: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,7 +87,10 @@ def compute_representations(
     model.eval()
     with progress_bar(description, len(names)) as advance, torch.no_grad(), _autocast(model):
         for _, pixels in loader:
-            chunks.append(model.image_representation(pixels.to(model.device)).float().cpu())
+            reps = model.image_representation(pixels.to(model.device))
+            # Float32 unless the method keeps large per-image tensors in half precision
+            # (`representation_dtype`, e.g. SPRC's 257 x 1408 ViT tokens in fp16).
+            chunks.append(reps.to(getattr(model, "representation_dtype", torch.float32)).cpu())
             advance(len(pixels))
     model.train(was_training)
     return torch.cat(chunks) if chunks else torch.empty(0)
@@ -134,7 +144,7 @@ def evaluate_split(
     gallery_rows = torch.tensor([row_of[n] for n in split.gallery], dtype=torch.long)
     gallery = model.targets_from_representation(reps[gallery_rows].to(device))
     ref_rows = torch.tensor([row_of[t.reference] for t in split.triplets], dtype=torch.long)
-    texts = split.texts()
+    texts = model.query_texts(split)
 
     queries = []
     with progress_bar(f"queries {split.label}", len(texts)) as advance:
@@ -166,7 +176,10 @@ def evaluate_split(
     result.top = [[split.gallery[i] for i in row] for row in top.indices.tolist()]
 
     has_targets = all(t.target is not None for t in split.triplets)
-    if has_targets:
+    ks = RECALL_KS.get(split.dataset, metrics.FASHIONIQ_KS)
+    if has_targets and any(t.targets for t in split.triplets):
+        result.map_at, result.tag_map = _multi_target_map(split, top.indices)
+    if has_targets and ks:
         missing = [t.target for t in split.triplets if t.target not in gidx]
         if missing:
             from cir_cli.errors import CirError
@@ -183,11 +196,11 @@ def evaluate_split(
             score_fn=score_fn,
             chunk_size=rank_chunk,
         )
-        ks = metrics.CIRR_KS if split.dataset == "cirr" else metrics.FASHIONIQ_KS
         result.recall = metrics.recall_from_ranks(ranks, ks)
 
     if split.has_groups:
-        groups = torch.full((len(split.triplets), 6), -1, dtype=torch.long)
+        width = max(len(t.group) for t in split.triplets)  # CIRR 6, GeneCIS 15
+        groups = torch.full((len(split.triplets), width), -1, dtype=torch.long)
         for qi, t in enumerate(split.triplets):
             members = [gidx[m] for m in t.group if m != t.reference]
             groups[qi, : len(members)] = torch.tensor(members, dtype=torch.long)
@@ -200,11 +213,37 @@ def evaluate_split(
     return result
 
 
+def _multi_target_map(split: CIRSplit, top: torch.Tensor) -> tuple[dict, dict]:
+    """mAP@k (CIRCO's formula) of the top-50 rankings and mAP@10 per tag, in percent."""
+    gidx = split.gallery_index
+    width = max(len(t.targets or (t.target,)) for t in split.triplets)
+    gts = torch.full((len(split.triplets), width), -1, dtype=torch.long)
+    for qi, t in enumerate(split.triplets):
+        ids = [gidx[n] for n in (t.targets or (t.target,)) if n in gidx]
+        gts[qi, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    per_query = metrics.average_precision_at_k(top, gts, metrics.CIRCO_KS)
+    map_at = {k: 100.0 * float(ap.mean()) for k, ap in per_query.items()}
+    tags = sorted({tag for t in split.triplets for tag in t.tags})
+    tag_map = {}
+    for tag in tags:
+        rows = torch.tensor([tag in t.tags for t in split.triplets])
+        tag_map[tag] = 100.0 * float(per_query[10][rows].mean())
+    return map_at, tag_map
+
+
 def summarize(results: list[SplitResult]) -> dict[str, float]:
     """The dataset's reported aggregates (spec 5) from per-split recalls."""
-    if not results or not results[0].recall:
+    if not results:
         return {}
     dataset = results[0].split.dataset
+    if dataset == "circo" and results[0].map_at:
+        return metrics.circo_summary(results[0].map_at, results[0].recall, results[0].tag_map)
+    if dataset == "genecis" and results[0].subset_recall:
+        return metrics.genecis_summary(
+            {r.split.subset or r.split.split: r.subset_recall for r in results}
+        )
+    if not results[0].recall:
+        return {}
     if dataset == "cirr":
         return metrics.cirr_summary(results[0].recall, results[0].subset_recall)
     per_category = {r.split.subset or r.split.split: r.recall for r in results}

@@ -216,3 +216,87 @@ def cirr_summary(recall: Mapping[int, float], subset: Mapping[int, float]) -> di
     out["harmonic_mean"] = float(statistics.harmonic_mean(values))
     out["geometric_mean"] = 0.0 if 0.0 in values else statistics.geometric_mean(values)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Multiple ground truths (CIRCO) and per-query candidate sets (GeneCIS)
+
+CIRCO_KS: tuple[int, ...] = (5, 10, 25, 50)
+GENECIS_KS: tuple[int, ...] = (1, 2, 3)
+
+
+def average_precision_at_k(
+    ranked_ids: Tensor, gt_ids: Tensor, ks: Sequence[int]
+) -> dict[int, Tensor]:
+    """Per-query AP@k with several ground truths, CIRCO's official formula.
+
+    rel_i = [p_i in G], Prec_i = (sum_{j<=i} rel_j) / i,
+    AP@k = (sum_{i<=k} rel_i * Prec_i) / min(|G|, k).
+
+    Args:
+        ranked_ids: (Q, L) int64 predictions, best first, unique per row (-1 padding allowed).
+        gt_ids: (Q, G) int64 ground truths per query, -1 as padding, at least one per row.
+        ks: cut-offs (>= 1); k > L uses the whole list.
+
+    Returns:
+        ``{k: (Q,) float64 AP@k}`` (fractions in [0, 1]).
+
+    Raises:
+        ValueError: Q == 0, bad shapes, k < 1 or a query without ground truth.
+    """
+    ranked_ids = _check_ranked(ranked_ids)
+    ks = _check_ks(ks)
+    gt_ids = gt_ids.detach().to("cpu", torch.long)
+    if gt_ids.dim() != 2 or gt_ids.shape[0] != ranked_ids.shape[0]:
+        raise ValueError(
+            f"gt_ids must have shape ({ranked_ids.shape[0]}, G), got {tuple(gt_ids.shape)}"
+        )
+    num_gt = (gt_ids >= 0).sum(dim=1)
+    if bool((num_gt == 0).any()):
+        raise ValueError("every query needs at least one ground truth")
+    relevant = torch.zeros_like(ranked_ids, dtype=torch.bool)
+    for g in range(gt_ids.shape[1]):
+        member = gt_ids[:, g : g + 1]
+        relevant |= (ranked_ids == member) & (member >= 0)
+    rel = relevant.double()
+    positions = torch.arange(1, rel.shape[1] + 1, dtype=torch.float64)
+    precision = rel.cumsum(dim=1) / positions
+    gains = (rel * precision).cumsum(dim=1)
+    out = {}
+    for k in ks:
+        upto = min(k, rel.shape[1])
+        out[k] = gains[:, upto - 1] / torch.clamp(num_gt, max=k).double()
+    return out
+
+
+def mean_average_precision_at_k(
+    ranked_ids: Tensor, gt_ids: Tensor, ks: Sequence[int]
+) -> dict[int, float]:
+    """mAP@k in percent: the mean over queries of :func:`average_precision_at_k`."""
+    return {k: 100.0 * float(ap.mean()) for k, ap in average_precision_at_k(ranked_ids, gt_ids, ks).items()}
+
+
+def circo_summary(
+    map_at: Mapping[int, float],
+    recall: Mapping[int, float],
+    tag_map: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """CIRCO report: ``map_at{5,10,25,50}``, ``recall_at{k}`` (of `target_img_id`) and
+    ``map_at10_<aspect>`` per semantic aspect (what the official evaluator prints)."""
+    out = {f"map_at{k}": float(v) for k, v in map_at.items()}
+    out.update({f"recall_at{k}": float(v) for k, v in recall.items()})
+    for tag, value in (tag_map or {}).items():
+        out[f"map_at10_{tag}"] = float(value)
+    return out
+
+
+def genecis_summary(per_split: Mapping[str, Mapping[int, float]]) -> dict[str, float]:
+    """GeneCIS report: ``{split}_recall_at{1,2,3}`` and ``average_recall_at1`` over the splits."""
+    if not per_split:
+        raise ValueError("genecis_summary needs at least one split")
+    out: dict[str, float] = {}
+    for name, recalls in per_split.items():
+        for k in GENECIS_KS:
+            out[f"{name}_recall_at{k}"] = float(recalls[k])
+    out["average_recall_at1"] = statistics.fmean(float(r[1]) for r in per_split.values())
+    return out

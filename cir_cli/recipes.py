@@ -54,6 +54,8 @@ class LinCirMethod(_Section):
     prompt: str = "a photo of $ that {caption}"
     # FashionIQ: average the two caption orders "{c1} and {c2}" / "{c2} and {c1}" (spec 1.5).
     fiq_both_orders: bool = True
+    # Text-only baseline: drop `$` from the prompt ("a photo of that {caption}"), ignore the image.
+    text_only: bool = False
     phi_dropout: float = Field(0.5, ge=0, lt=1)
     # L2-normalise Phi's input at train and eval (LinCIR's --l2_normalize; off by default).
     l2_normalize: bool = False
@@ -75,13 +77,64 @@ class LinCirMethod(_Section):
     cache_caption_features: bool = True
 
 
-MethodConfig = Annotated[Clip4CirMethod | LinCirMethod, Field(discriminator="name")]
+class Blip4CirMethod(_Section):
+    """Bi-BLIP4CIR (spec clip4cir_blip4cir.md 3.3, 4.3): BLIP towers, sum then Combiner, with
+    forward + reversed queries (weight 0 = the BLIP4CIR baseline without bi-directional loss)."""
+
+    name: Literal["blip4cir"] = "blip4cir"
+    combining: Literal["sum", "combiner"] = "sum"
+    logit_scale: float = 100.0
+    # Direction prompts: `compat` = the published " [FORWARD] " string transform (with its
+    # split-on-"and" quirk; the published checkpoints need it), `token` = real added special
+    # tokens [FORWARD]/[BACKWARD], `none` = no marker.
+    prompts: Literal["compat", "token", "none"] = "compat"
+    # w of L = L_f + w L_r in stage I (seeds: 0.4 FashionIQ, 0.1 CIRR) and stage II (0.5 / 0.1).
+    finetune_reverse_weight: float = Field(0.4, ge=0)
+    combiner_reverse_weight: float = Field(0.5, ge=0)
+    # Stage I: text_proj's lr is this multiple of finetune.lr (seeds: 100).
+    text_proj_lr_scale: float = Field(100.0, gt=0)
+    # Whether text_proj's lr follows finetune.scheduler too; the seeds keep it constant.
+    schedule_text_proj: bool = False
+    # Stage II reversed loss: reference rows per chunk of the B x B pairing (bounds memory).
+    reverse_chunk: int = Field(64, ge=1)
+
+
+class SprcMethod(_Section):
+    """SPRC (spec sprc_cala.md 1): BLIP-2 Q-Former with sentence-level prompts; target = 32
+    projected query tokens, score = max over them. Single stage (`cir finetune`)."""
+
+    name: Literal["sprc"] = "sprc"
+    # Caption tokens (LAVIS max_txt_len, spec 1.3); the prompt CLS sits at index num_query_tokens.
+    max_text_length: int = Field(32, ge=2)
+    # loss = itc + w_rtc * rtc + w_align * align (spec 1.4): CIRR 0.4 / 0.4; the FashionIQ
+    # script sums them unweighted (1 / 1).
+    loss_rtc: float = Field(0.4, ge=0)
+    loss_align: float = Field(0.4, ge=0)
+    # SPRC leaves temp unclamped; true clamps it to [0.001, 0.5] as upstream BLIP-2 (spec 5).
+    clamp_temp: bool = False
+    # Weight decay on every parameter as SPRC (true), or none on biases, norms, tokens, temp.
+    decay_all: bool = True
+    # "onecycle": torch OneCycleLR's curve per optimizer step (spec 1.7), over
+    # `schedule_epochs` (None = finetune.epochs; SPRC's CIRR code hard-coded 80, a bug).
+    # "trainer": finetune.scheduler / warmup_steps instead.
+    schedule: Literal["onecycle", "trainer"] = "onecycle"
+    schedule_epochs: float | None = Field(None, gt=0)
+    pct_start: float = Field(0.02, gt=0, lt=1)
+    div_factor: float = Field(25.0, gt=0)
+    final_div_factor: float = Field(1e4, gt=0)
+    # OneCycleLR's default cycles AdamW's beta1 0.95 -> 0.85 -> 0.95 (SPRC ran with it).
+    cycle_momentum: bool = True
+
+
+MethodConfig = Annotated[
+    Clip4CirMethod | LinCirMethod | Blip4CirMethod | SprcMethod, Field(discriminator="name")
+]
 
 
 class BackboneConfig(_Section):
     """The encoder towers: registry key `name`, architecture and weights."""
 
-    name: Literal["open_clip", "hf_clip"] = "open_clip"
+    name: Literal["open_clip", "hf_clip", "blip", "blip2"] = "open_clip"
     # open_clip: an architecture name. hf_clip: a Hugging Face CLIP id (e.g.
     # "openai/clip-vit-large-patch14") or a built-in tiny config ("cir-tiny-hf").
     arch: str = "RN50x4"
@@ -92,6 +145,19 @@ class BackboneConfig(_Section):
     # Precision of frozen towers during feature extraction on GPU (training precision is the
     # stage's `amp`).
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    # (blip only) input resolution; None = the architecture's (blip-base: 384). Pretrained
+    # position grids (model_base.pth: 14x14 at 224 px) are resized bicubically to it.
+    image_size: int | None = Field(None, gt=0)
+    # (blip, blip2) BERT-uncased vocabulary: a vocab.txt, a tokenizer folder or a hub id; None =
+    # bert-base-uncased (hub cache) for blip-base, the built-in vocabulary for cir-tiny-blip.
+    # blip2: None = bert-base-uncased for blip2-vit-g/-vit-l, "cir-tiny" for the tiny archs.
+    tokenizer: str | None = None
+    # (blip2 only) frozen ViT weights when `pretrained` has none (LAVIS saves without them):
+    # eva_vit_g.pth / clip_vit_L.pth, an OpenAI / open_clip ViT-L-14 state dict, or "openai".
+    vision_pretrained: str | None = None
+    # (blip only) expected SHA1 of backbone.pretrained (model_base.pth:
+    # 5f1d8cdfae91e22a35e98a4bbb4c43be7bd0ac50); None = not checked.
+    sha1: str | None = None
 
 
 class DataConfig(_Section):
@@ -127,6 +193,9 @@ class FinetuneConfig(_Section):
     scheduler: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     min_lr: float = Field(0.0, ge=0)
+    # Cosine only: epochs over which the lr decays to min_lr, then stays there (clamped, never
+    # periodic); None = the whole run.
+    cosine_epochs: int | None = Field(None, ge=1)
     validate_every: int = Field(1, ge=1)
     # Validate every N optimizer steps instead of every `validate_every` epochs (0: off); for
     # step-based stages such as LinCIR's (epochs = 0 with max_steps).

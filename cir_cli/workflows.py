@@ -54,6 +54,16 @@ def run_validation(
     write_metrics(run_dir, evaluation.metrics)
     if save_rankings:
         write_json_atomic(run_dir / "rankings.json", evaluation.rankings(), indent=None)
+        if recipe.data.dataset == "circo":
+            # The official CIRCO evaluator's input: {"<query id>": [50 unique int image ids]}.
+            from cir_cli.submission import write_circo_submission
+
+            result = evaluation.splits[0]
+            write_circo_submission(
+                run_dir / "circo_rankings.json",
+                evaluation.rankings(),
+                [t.query_id for t in result.split.triplets],
+            )
     return ValidationRun(evaluation.metrics, run_dir, evaluation)
 
 
@@ -63,8 +73,10 @@ def run_submission(
     from cir_cli import api
     from cir_cli.runs import new_run_dir, write_manifest
 
+    if benchmark == "circo":
+        return [_circo_submission(recipe, checkpoint, name)]
     if benchmark != "cirr":
-        raise CirError(f"unknown benchmark {benchmark!r} for `cir submit`; expected cirr")
+        raise CirError(f"unknown benchmark {benchmark!r} for `cir submit`; expected cirr or circo")
     if recipe.data.dataset != "cirr":
         raise CirError(
             f"`cir submit cirr` needs a CIRR recipe; {recipe.name} uses data.dataset = "
@@ -90,6 +102,33 @@ def run_submission(
     )
     paths = write_cirr_submission(run_dir, name or recipe.name, recall, recall_subset, result.split)
     return list(paths)
+
+
+def _circo_submission(recipe: Recipe, checkpoint: str | None, name: str | None) -> Path:
+    """`cir submit circo`: top-50 of every test query, validated, written atomically."""
+    from cir_cli import api
+    from cir_cli.runs import new_run_dir, write_manifest
+    from cir_cli.submission import write_circo_submission
+
+    if recipe.data.dataset != "circo":
+        raise CirError(
+            f"`cir submit circo` needs a CIRCO recipe; {recipe.name} uses data.dataset = "
+            f"{recipe.data.dataset!r} (set data.dataset=\"circo\" and data.root)"
+        )
+    model = api.load_model(recipe, checkpoint=checkpoint, device=recipe.device)
+    split_name = "test"
+    evaluation = api.validate(model, recipe, split=split_name)
+    result = evaluation.splits[0]
+    run_dir = new_run_dir(recipe.output.dir, recipe.name, "submit-circo")
+    write_manifest(
+        run_dir,
+        recipe,
+        "submit circo",
+        {"checkpoint": checkpoint, "split": split_name, "model": model.describe()},
+    )
+    query_ids = [t.query_id for t in result.split.triplets]
+    path = run_dir / f"circo_submission_{name or recipe.name}.json"
+    return write_circo_submission(path, evaluation.rankings(), query_ids)
 
 
 @dataclass
@@ -181,6 +220,7 @@ def run_training(
             scheduler=getattr(cfg, "scheduler", "constant"),
             warmup_steps=getattr(cfg, "warmup_steps", 0),
             min_lr=getattr(cfg, "min_lr", 0.0),
+            cosine_epochs=getattr(cfg, "cosine_epochs", None),
             num_workers=recipe.data.num_workers,
             log_every=recipe.logging.log_every,
             save_every_steps=cfg.save_every_steps,

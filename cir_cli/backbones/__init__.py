@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 BACKBONES: dict[str, str] = {
     "open_clip": "cir_cli.backbones.open_clip_towers:OpenClipBackbone",
+    "hf_clip": "cir_cli.backbones.hf_clip:HfClipBackbone",
+    "blip": "cir_cli.backbones.blip:BlipBackbone",
+    "blip2": "cir_cli.backbones.blip2:Blip2Backbone",
 }
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cir_cli.data import cirr, fashioniq
+from cir_cli.data import circo, cirr, fashioniq, genecis
 from cir_cli.data.base import CIRSplit, Triplet
 from cir_cli.errors import CirError
 
@@ -48,6 +48,20 @@ def _fiq_files(
     return [(c, fashioniq.annotation_files(Path(root), split, c)) for c in cats]
 
 
+def _circo_files(
+    root: Path, split: str, categories: Sequence[str] | None
+) -> list[tuple[str, tuple[Path, Path]]]:
+    ann = circo.annotation_file(Path(root), split)
+    return [("", (ann, Path(root) / circo.IMAGE_INFO))]
+
+
+def _genecis_files(
+    root: Path, split: str, categories: Sequence[str] | None
+) -> list[tuple[str, tuple[Path, Path]]]:
+    cats = genecis.check_categories(categories)
+    return [(c, (genecis.template_file(Path(root), c),) * 2) for c in cats]
+
+
 DATASETS: dict[str, DatasetSpec] = {
     "cirr": DatasetSpec(
         name="cirr",
@@ -69,6 +83,26 @@ DATASETS: dict[str, DatasetSpec] = {
         load=fashioniq.load,
         files=_fiq_files,
         merge=fashioniq.merge,
+    ),
+    "circo": DatasetSpec(
+        name="circo",
+        splits=circo.SPLITS,
+        eval_splits=circo.SPLITS,
+        unlabelled_splits=("test",),
+        categories=(),
+        layout=circo.LAYOUT,
+        load=circo.load,
+        files=_circo_files,
+    ),
+    "genecis": DatasetSpec(
+        name="genecis",
+        splits=genecis.SPLITS,
+        eval_splits=genecis.SPLITS,
+        unlabelled_splits=(),
+        categories=genecis.CATEGORIES,
+        layout=genecis.LAYOUT,
+        load=genecis.load,
+        files=_genecis_files,
     ),
 }
 

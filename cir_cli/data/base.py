@@ -29,6 +29,11 @@ class Triplet:
     target: str | None
     captions: tuple[str, ...]
     group: tuple[str, ...] = ()
+    # Every correct answer where a query has several (CIRCO's gt_img_ids; `target` is the one
+    # Recall@k uses); empty for single-target datasets. Scored by mAP@k in evaluation.
+    targets: tuple[str, ...] = ()
+    # Labels for per-tag metric breakdowns (CIRCO's semantic aspects); empty otherwise.
+    tags: tuple[str, ...] = ()
 
 
 def _strip(text: str) -> str:

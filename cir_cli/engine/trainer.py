@@ -69,6 +69,8 @@ class TrainSettings:
     scheduler: str = "constant"
     warmup_steps: int = 0
     min_lr: float = 0.0
+    # Cosine: the decay spans this many epochs, then the lr stays at min_lr (None: whole run).
+    cosine_epochs: int | None = None
     num_workers: int = 0
     log_every: int = 10
     # Save the resumable training state every N optimizer steps (0: only at validations).
@@ -222,6 +224,7 @@ class Trainer:
         total_steps = s.epochs * steps_per_epoch
         if s.max_steps:
             total_steps = min(total_steps, s.max_steps) if s.epochs else s.max_steps
+        schedule_steps = s.cosine_epochs * steps_per_epoch if s.cosine_epochs else total_steps
         result = TrainResult(self.run_dir)
 
         epoch, batch_in_epoch, step = 0, 0, 0
@@ -307,9 +310,10 @@ class Trainer:
                     losses.append(float(loss.detach()))
                     seen += s.batch_size
                     if batch_in_epoch % s.grad_accum == 0:
-                        factor = lr_factor(step, total_steps, s, base_lrs[0])
+                        factor = lr_factor(step, schedule_steps, s, base_lrs[0])
                         for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                            group["lr"] = base * factor
+                            # A group marked scheduled=False keeps its lr (no warm-up, no decay).
+                            group["lr"] = base * (factor if group.get("scheduled", True) else 1.0)
                         scaler.step(optimizer)
                         scaler.update()
                         optimizer.zero_grad(set_to_none=True)

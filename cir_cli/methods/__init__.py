@@ -13,6 +13,9 @@ if TYPE_CHECKING:
 
 METHODS: dict[str, str] = {
     "clip4cir": "cir_cli.methods.clip4cir:Clip4Cir",
+    "lincir": "cir_cli.methods.lincir:LinCir",
+    "blip4cir": "cir_cli.methods.blip4cir:Blip4Cir",
+    "sprc": "cir_cli.methods.sprc:Sprc",
 }
 
 

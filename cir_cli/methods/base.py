@@ -24,6 +24,7 @@ from torch import nn
 if TYPE_CHECKING:
     from PIL import Image
 
+    from cir_cli.data.base import CIRSplit
     from cir_cli.recipes import Recipe
 
 
@@ -89,6 +90,14 @@ class CIRMethod(nn.Module):
         self, reference: torch.Tensor, texts: list[str]
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    def query_texts(self, split: CIRSplit) -> list[str]:
+        """The modification texts of `split`'s queries, in order, as this method reads them.
+
+        Default: the split's caption policy (FashionIQ's join, CIRR verbatim). A method that
+        marks the raw captions before the join (BLIP4CIR's compat prompts) overrides it.
+        """
+        return split.texts()
 
     def targets_from_representation(self, representation: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -87,7 +87,7 @@ class Phi(nn.Module):
         d, h, w = cls.dims_from_state(state, source)
         phi = cls(d, h, w, dropout=dropout, l2_normalize=l2_normalize)
         load_state_dict_strict(phi, state, source)
-        return phi
+        return phi.eval()  # inference by default; .train() to fine-tune
 
     @classmethod
     def from_checkpoint(

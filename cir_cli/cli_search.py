@@ -1,0 +1,197 @@
+"""`cir index` and `cir search`: retrieval over a user's own image folder (library: search.py).
+
+Registered on the main app (cli.py imports this module before `main()`); torch and the model
+code are imported inside the commands, so `cir --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cir_cli.cli import CkptOpt, DeviceOpt, SetOpt, _console, _load, app, cli_command
+from cir_cli.errors import CirError
+
+# How many unreadable files the summary names before it gives a count.
+_SKIPPED_SHOWN = 20
+
+
+def _print_summary(summary, action: str) -> None:
+    console = _console()
+    parts = [f"{len(summary.encoded)} encoded"]
+    if action == "updated":
+        parts += [f"{summary.kept} unchanged", f"{len(summary.removed)} removed"]
+    parts.append(f"{len(summary.skipped)} skipped")
+    rate = f", {summary.images_per_second:.1f} images/s" if summary.encoded else ""
+    console.print(
+        f"{action} {summary.location}: {summary.total} images ({', '.join(parts)}) "
+        f"in {summary.seconds:.1f}s{rate}",
+        soft_wrap=True,
+    )
+    if summary.skipped:
+        console.print(f"[yellow]{len(summary.skipped)} unreadable file(s) skipped:[/]")
+        for path, reason in summary.skipped[:_SKIPPED_SHOWN]:
+            console.print(f"  [yellow]{path}[/]: {reason}", soft_wrap=True, markup=True)
+        if len(summary.skipped) > _SKIPPED_SHOWN:
+            console.print(f"  ... and {len(summary.skipped) - _SKIPPED_SHOWN} more")
+
+
+@app.command()
+@cli_command
+def index(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    recipe: Annotated[
+        str | None,
+        typer.Option("--recipe", "-r", help="Recipe of the model (not needed with --update)."),
+    ] = None,
+    overrides: SetOpt = None,
+    checkpoint: CkptOpt = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Index folder to write, e.g. photos.cirindex.")
+    ] = None,
+    update: Annotated[
+        Path | None,
+        typer.Option("--update", help="Existing index: encode only new/changed files."),
+    ] = None,
+    device: DeviceOpt = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Default: eval.batch_size.")
+    ] = None,
+    num_workers: Annotated[
+        int | None, typer.Option("--num-workers", min=0, help="Default: data.num_workers.")
+    ] = None,
+) -> None:
+    """Encode a folder of images into a searchable index (or --update one)."""
+    from cir_cli import search as lib
+
+    if update is not None:
+        if out is not None and out.resolve() != update.resolve():
+            raise CirError("--out and --update name different indexes; --update rewrites in place")
+        cfg = _load(recipe, overrides, None, None) if recipe else None
+        if overrides and cfg is None:
+            raise CirError("--set needs --recipe (with --update the index's recipe is used)")
+        summary = lib.update_index(folder, update, cfg, checkpoint, device, batch_size, num_workers)
+        _print_summary(summary, "updated")
+        return
+    if recipe is None:
+        raise CirError("--recipe is required to build an index (or --update <index>)")
+    if out is None:
+        raise CirError("--out <name>.cirindex is required (or --update <index>)")
+    cfg = _load(recipe, overrides, None, None)
+    summary = lib.build_index(folder, cfg, out, checkpoint, device, batch_size, num_workers)
+    _print_summary(summary, "indexed")
+
+
+def _results_table(result, title: str):
+    from rich.table import Table
+
+    table = Table("rank", "score", "path", title=title, header_style="bold", title_justify="left")
+    for hit in result.hits:
+        style = "bold green" if result.target_rank == hit.rank else None
+        table.add_row(str(hit.rank), f"{hit.score:.4f}", str(hit.path), style=style)
+    return table
+
+
+@app.command()
+@cli_command
+def search(
+    index_path: Annotated[Path, typer.Argument(metavar="INDEX", help="Index from `cir index`.")],
+    image: Annotated[
+        Path | None, typer.Option("--image", "-i", help="Reference (query) image.")
+    ] = None,
+    text: Annotated[str | None, typer.Option("--text", "-t", help="Modification text.")] = None,
+    k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Results per query.")] = 12,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (JSONL with --queries).")] = (
+        False
+    ),
+    html_out: Annotated[
+        Path | None, typer.Option("--html", help="Write a self-contained HTML contact sheet.")
+    ] = None,
+    exclude_query: Annotated[
+        bool, typer.Option("--exclude-query", help="Drop the query image itself from results.")
+    ] = False,
+    queries: Annotated[
+        Path | None,
+        typer.Option("--queries", help="Batch: CSV/JSONL with image,text[,target] per line."),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Batch: write one row per query (.csv or .jsonl)."),
+    ] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option("--recipe", "-r", help="Check against this recipe (default: the index's)."),
+    ] = None,
+    overrides: SetOpt = None,
+    checkpoint: CkptOpt = None,
+    device: DeviceOpt = None,
+    backend: Annotated[
+        str, typer.Option("--backend", help="auto, torch or faiss (exact either way).")
+    ] = "auto",
+) -> None:
+    """Find images matching a reference image modified by a text, in an index."""
+    from cir_cli import search as lib
+
+    if queries is None:
+        if image is None or text is None:
+            raise CirError("give --image and --text (or --queries <file.csv|jsonl>)")
+        batch = [lib.Query(image, text)]
+    else:
+        if image is not None or text is not None:
+            raise CirError("--queries cannot be combined with --image/--text")
+        batch = lib.read_queries(queries)
+    idx = lib.load_index(index_path)
+    cfg = _load(recipe, overrides, None, None) if recipe else None
+    if overrides and cfg is None:
+        raise CirError("--set needs --recipe (the index's recipe is used otherwise)")
+    model = lib.load_index_model(idx, cfg, checkpoint, device)
+    results = lib.search(idx, model, batch, k, exclude_query, backend)
+    if html_out is not None:
+        title = f"cir search: {idx.location.name}"
+        subtitle = f"{len(idx.files)} images in {idx.root} | {idx.manifest.get('recipe_name')}"
+        lib.render_html(results, html_out, title=title, subtitle=subtitle)
+    if output is not None:
+        lib.write_results(results, output)
+    console = _console()
+    if as_json:
+        if queries is None:
+            payload = {"index": str(idx.location), "k": k, **results[0].to_dict()}
+            typer.echo(json.dumps(payload, indent=2))
+        else:
+            for result in results:
+                typer.echo(json.dumps(result.to_dict()))
+    elif queries is None:
+        res = results[0]
+        console.print(_results_table(res, f"{res.query.image.name} + “{res.query.text}”"))
+    else:
+        from rich.table import Table
+
+        table = Table("#", "image", "text", "top hit", "score", header_style="bold")
+        for n, res in enumerate(results, 1):
+            top = res.hits[0] if res.hits else None
+            table.add_row(
+                str(n),
+                res.query.image.name,
+                res.query.text,
+                top.path.name if top else "-",
+                f"{top.score:.4f}" if top else "-",
+            )
+        console.print(table)
+    recall = lib.recall_at(results, [n for n in (1, 5, 10, 50) if n <= k] or [k])
+    if recall and not as_json:
+        console.print(
+            "recall: " + "  ".join(f"R@{n} {v:.2f}" for n, v in recall.items()),
+            soft_wrap=True,
+        )
+    elif recall:
+        typer.echo(json.dumps({"recall": {f"R@{n}": v for n, v in recall.items()}}), err=True)
+    notes = []
+    if html_out is not None:
+        notes.append(f"wrote {html_out}")
+    if output is not None:
+        notes.append(f"wrote {output}")
+    for note in notes:
+        _console(stderr=as_json).print(note)
