@@ -17,6 +17,8 @@ from cir_cli.errors import CirError
 
 # How many unreadable files the summary names before it gives a count.
 _SKIPPED_SHOWN = 20
+# Batch searches print a summary table of this many queries (--output has them all).
+_QUERIES_SHOWN = 20
 
 
 def _print_summary(summary, action: str) -> None:
@@ -170,7 +172,7 @@ def search(
         from rich.table import Table
 
         table = Table("#", "image", "text", "top hit", "score", header_style="bold")
-        for n, res in enumerate(results, 1):
+        for n, res in enumerate(results[:_QUERIES_SHOWN], 1):
             top = res.hits[0] if res.hits else None
             table.add_row(
                 str(n),
@@ -180,6 +182,10 @@ def search(
                 f"{top.score:.4f}" if top else "-",
             )
         console.print(table)
+        if len(results) > _QUERIES_SHOWN:
+            more = len(results) - _QUERIES_SHOWN
+            where = f" (all rows in {output})" if output else " (--output writes all rows)"
+            console.print(f"... and {more} more queries{where}")
     recall = lib.recall_at(results, [n for n in (1, 5, 10, 50) if n <= k] or [k])
     if recall and not as_json:
         console.print(

@@ -772,7 +772,7 @@ def read_queries(path: str | os.PathLike[str]) -> list[Query]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise CirError(f"queries file not found: {file}")
-    base = file.parent
+    base = file.resolve().parent
     rows: list[tuple[int, dict[str, Any]]] = []
     text = file.read_text(encoding="utf-8-sig")
     if file.suffix.lower() in (".jsonl", ".ndjson", ".json"):
@@ -876,34 +876,28 @@ def rank_faiss(
     import faiss
     import torch
 
-    from cir_cli.ranking import rank_gallery
-
     g = np.ascontiguousarray(gallery.detach().cpu().numpy(), dtype=np.float32)
-    q = np.ascontiguousarray(queries.detach().cpu().float().numpy())
+    q = queries.detach().cpu().float()
     n = g.shape[0]
+    has_exclusion = exclude is not None and bool((exclude >= 0).any())
+    length = min(k, n - int(has_exclusion))
+    m = min(n, k + 1 + _FAISS_MARGIN)
     flat = faiss.IndexFlatIP(g.shape[1])
     flat.add(g)
-    m = min(n, k + 1 + _FAISS_MARGIN)
-    _, cand = flat.search(q, m)
-    cand_t = torch.from_numpy(cand).long()
-    indices, scores = [], []
-    length = None
-    for row in range(q.shape[0]):
-        ids = cand_t[row][cand_t[row] >= 0].sort().values
-        excl = None
-        if exclude is not None and exclude[row] >= 0:
-            pos = (ids == exclude[row]).nonzero()
-            excl = torch.tensor([int(pos[0, 0]) if len(pos) else -1])
-        res = rank_gallery(queries[row : row + 1].float().cpu(), gallery[ids], k, exclude=excl)
-        indices.append(ids[res.indices[0]])
-        scores.append(res.scores[0])
-        length = len(indices[-1]) if length is None else min(length, len(indices[-1]))
-    if not indices:
-        return torch.empty((0, 0), dtype=torch.long), torch.empty((0, 0))
-    return (
-        torch.stack([i[:length] for i in indices]),
-        torch.stack([s[:length] for s in scores]),
-    )
+    _, found = flat.search(np.ascontiguousarray(q.numpy()), m)
+    # Candidates in index order, then a stable sort by score: (higher score, lower index).
+    cand = torch.from_numpy(found).long().sort(dim=1).values
+    scores = torch.einsum("qd,qmd->qm", q, gallery.detach().cpu().float()[cand])
+    scores, order = scores.sort(dim=1, descending=True, stable=True)
+    cand = cand.gather(1, order)
+    if has_exclusion:
+        assert exclude is not None
+        keep = cand != exclude.view(-1, 1)
+        # Rows whose excluded item is not among the candidates drop their last one instead.
+        keep[keep.all(dim=1), -1] = False
+        cand = cand[keep].view(q.shape[0], m - 1)
+        scores = scores[keep].view(q.shape[0], m - 1)
+    return cand[:, :length], scores[:, :length]
 
 
 def rank(

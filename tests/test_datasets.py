@@ -100,8 +100,10 @@ def test_fashioniq_categories_and_test_split(shared: Path) -> None:
     assert [s.subset for s in splits] == ["toptee", "dress"]
     assert [len(s.triplets) for s in splits] == [2056, 2024]
     assert all(t.target is None for s in splits for t in s.triplets)
-    with pytest.raises(CirError, match="unknown FashionIQ category 'skirt'"):
+    with pytest.raises(CirError, match="cap.skirt.val.json"):
         load_split("fashioniq", shared / "fashioniq", "val", categories=["skirt"])
+    with pytest.raises(CirError, match="not a plain name"):
+        load_split("fashioniq", shared / "fashioniq", "val", categories=["../dress"])
 
 
 def test_fashioniq_train_merges_categories(shared: Path) -> None:

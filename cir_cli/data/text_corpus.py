@@ -40,21 +40,9 @@ SPACY_TAGS = frozenset({"NOUN", "PROPN", "ADJ", "DET"})
 
 # Closed-class English words that end a keyword run in the heuristic fallback.
 FUNCTION_WORDS = frozenset(
-    """
-    about above across after against along amid among around as at before behind below beneath
-    beside besides between beyond by despite down during except for from in inside into like near
-    of off on onto opposite out outside over past per round since than through throughout till to
-    toward towards under underneath unlike until up upon via with within without
-    and or but nor so yet if because while whereas although though unless whether then
-    i me my mine myself you your yours yourself he him his himself she her hers herself it its
-    itself we us our ours ourselves they them their theirs themselves who whom whose which what
-    that this these those there here where when why how
-    is are was were be been being am has have had having do does did doing will would shall
-    should can could may might must
-    not no very too also just only really quite rather almost even still again ever never
-    """.split()
+    ["about", "above", "across", "after", "against", "along", "amid", "among", "around", "as", "at", "before", "behind", "below", "beneath", "beside", "besides", "between", "beyond", "by", "despite", "down", "during", "except", "for", "from", "in", "inside", "into", "like", "near", "of", "off", "on", "onto", "opposite", "out", "outside", "over", "past", "per", "round", "since", "than", "through", "throughout", "till", "to", "toward", "towards", "under", "underneath", "unlike", "until", "up", "upon", "via", "with", "within", "without", "and", "or", "but", "nor", "so", "yet", "if", "because", "while", "whereas", "although", "though", "unless", "whether", "then", "i", "me", "my", "mine", "myself", "you", "your", "yours", "yourself", "he", "him", "his", "himself", "she", "her", "hers", "herself", "it", "its", "itself", "we", "us", "our", "ours", "ourselves", "they", "them", "their", "theirs", "themselves", "who", "whom", "whose", "which", "what", "that", "this", "these", "those", "there", "here", "where", "when", "why", "how", "is", "are", "was", "were", "be", "been", "being", "am", "has", "have", "had", "having", "do", "does", "did", "doing", "will", "would", "shall", "should", "can", "could", "may", "might", "must", "not", "no", "very", "too", "also", "just", "only", "really", "quite", "rather", "almost", "even", "still", "again", "ever", "never"]
 )
-DETERMINERS = frozenset("a an the some any each every another this that these those".split())
+DETERMINERS = frozenset(["a", "an", "the", "some", "any", "each", "every", "another", "this", "that", "these", "those"])
 _WORD = re.compile(r"[A-Za-z0-9'\-]+")
 
 

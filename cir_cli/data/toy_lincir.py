@@ -60,14 +60,13 @@ def train_toy_clip(
     log_every: int = 100,
 ) -> Path:
     """Contrastively train open_clip `cir-tiny` on toy train images + attribute descriptions."""
+    import open_clip
     import torch
     import torch.nn.functional as F
 
     import cir_cli.backbones.open_clip_towers  # noqa: F401  (registers cir-tiny)
     from cir_cli.data.images import open_rgb
     from cir_cli.data.transforms import build_transform
-
-    import open_clip
 
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
