@@ -68,7 +68,20 @@ def load_model(
     """Build the recipe's method with its backbone weights (+ a trained checkpoint), eval mode."""
     from cir_cli.methods import build_method
 
+    from cir_cli.engine.checkpointing import resolve_checkpoint_ref
+
     resolved = resolve_recipe(recipe, overrides)
+    if resolved.finetune.checkpoint == "latest":
+        resolved = resolved.model_copy(deep=True)
+        resolved.finetune.checkpoint = resolve_checkpoint_ref(
+            "latest", resolved.output.dir, resolved.name, ("finetune",)
+        )
+    checkpoint = resolve_checkpoint_ref(
+        None if checkpoint is None else str(checkpoint),
+        resolved.output.dir,
+        resolved.name,
+        ("combiner", "finetune"),
+    )
     seed_everything(resolved.seed)
     model = build_method(resolved)
     if resolved.finetune.checkpoint and load_finetuned:
@@ -76,6 +89,8 @@ def load_model(
         model.load_checkpoint(resolved.finetune.checkpoint)
     if checkpoint is not None:
         model.load_checkpoint(str(checkpoint))
+    # What the weights came from, resolved ("latest" -> a run folder), for run manifests.
+    model.loaded_from = {"finetune": resolved.finetune.checkpoint, "checkpoint": checkpoint}
     model.to(resolve_device(device))
     model.eval()
     return model

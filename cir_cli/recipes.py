@@ -205,7 +205,8 @@ class FinetuneConfig(_Section):
     grad_checkpointing: bool = False
     # Also save the resumable `last` checkpoint every N optimizer steps (0: at validations only).
     save_every_steps: int = Field(0, ge=0)
-    # A stage-I checkpoint (run dir, checkpoint dir or seed .pt) that later stages start from.
+    # A stage-I checkpoint (run dir, checkpoint dir or seed .pt) that later stages start from;
+    # "latest" = the newest finetune run of this recipe under output.dir.
     checkpoint: str | None = None
 
 

@@ -49,7 +49,11 @@ def run_validation(
         run_dir,
         recipe,
         "validate",
-        {"checkpoint": checkpoint, "split": split or recipe.eval.split, "model": model.describe()},
+        {
+            "checkpoint": model.loaded_from,
+            "split": split or recipe.eval.split,
+            "model": model.describe(),
+        },
     )
     write_metrics(run_dir, evaluation.metrics)
     if save_rankings:
@@ -98,7 +102,7 @@ def run_submission(
         run_dir,
         recipe,
         "submit cirr",
-        {"checkpoint": checkpoint, "split": split_name, "model": model.describe()},
+        {"checkpoint": model.loaded_from, "split": split_name, "model": model.describe()},
     )
     paths = write_cirr_submission(run_dir, name or recipe.name, recall, recall_subset, result.split)
     return list(paths)
@@ -113,7 +117,7 @@ def _circo_submission(recipe: Recipe, checkpoint: str | None, name: str | None) 
     if recipe.data.dataset != "circo":
         raise CirError(
             f"`cir submit circo` needs a CIRCO recipe; {recipe.name} uses data.dataset = "
-            f"{recipe.data.dataset!r} (set data.dataset=\"circo\" and data.root)"
+            f'{recipe.data.dataset!r} (set data.dataset="circo" and data.root)'
         )
     model = api.load_model(recipe, checkpoint=checkpoint, device=recipe.device)
     split_name = "test"
@@ -124,7 +128,7 @@ def _circo_submission(recipe: Recipe, checkpoint: str | None, name: str | None) 
         run_dir,
         recipe,
         "submit circo",
-        {"checkpoint": checkpoint, "split": split_name, "model": model.describe()},
+        {"checkpoint": model.loaded_from, "split": split_name, "model": model.describe()},
     )
     query_ids = [t.query_id for t in result.split.triplets]
     path = run_dir / f"circo_submission_{name or recipe.name}.json"
@@ -175,6 +179,13 @@ def run_training(
     from cir_cli.runs import new_run_dir, write_manifest
 
     recipe = _recipe_for_resume(recipe, resume)
+    if recipe.finetune.checkpoint == "latest":
+        from cir_cli.engine.checkpointing import resolve_checkpoint_ref
+
+        recipe = recipe.model_copy(deep=True)
+        recipe.finetune.checkpoint = resolve_checkpoint_ref(
+            "latest", recipe.output.dir, recipe.name, ("finetune",)
+        )
     dist_info, device = init_distributed(api.resolve_device(recipe.device))
     try:
         api.seed_everything(recipe.seed)

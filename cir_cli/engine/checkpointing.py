@@ -90,3 +90,34 @@ def resolve_weights_file(path: str | Path) -> Path:
     raise CirError(
         f"{p}: no checkpoint found (expected {WEIGHTS}, or checkpoints/best|last/ inside a run dir)"
     )
+
+
+def latest_run(output_dir: str | Path, recipe_name: str, stages: tuple[str, ...]) -> Path:
+    """The newest run folder of `recipe_name` for the first of `stages` that has one.
+
+    Lets scripts chain stages without copying timestamps: `--checkpoint latest`,
+    `--set finetune.checkpoint=latest`.
+    """
+    root = Path(output_dir).expanduser()
+    for stage in stages:
+        runs = [
+            p
+            for p in root.glob(f"{recipe_name}-{stage}-*")
+            if _checkpoint_folder(p / "checkpoints", "best")
+            or _checkpoint_folder(p / "checkpoints", "last")
+        ]
+        if runs:
+            return max(runs, key=lambda p: (p.stat().st_mtime, p.name))
+    raise CirError(
+        f"'latest': no {' or '.join(stages)} run of recipe '{recipe_name}' with a checkpoint "
+        f"under {root}"
+    )
+
+
+def resolve_checkpoint_ref(
+    ref: str | None, output_dir: str | Path, recipe_name: str, stages: tuple[str, ...]
+) -> str | None:
+    """`latest` -> the newest matching run folder; anything else unchanged."""
+    if ref != "latest":
+        return ref
+    return str(latest_run(output_dir, recipe_name, stages))
