@@ -66,9 +66,8 @@ def load_model(
     load_finetuned: bool = True,
 ) -> CIRMethod:
     """Build the recipe's method with its backbone weights (+ a trained checkpoint), eval mode."""
-    from cir_cli.methods import build_method
-
     from cir_cli.engine.checkpointing import resolve_checkpoint_ref
+    from cir_cli.methods import build_method
 
     resolved = resolve_recipe(recipe, overrides)
     if resolved.finetune.checkpoint == "latest":
