@@ -26,9 +26,8 @@ class Clip4Cir(CIRMethod):
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe)
         self.backbone = build_backbone(recipe.backbone)
+        # Created by stage II or by loading a checkpoint that holds Combiner weights.
         self.combiner = None
-        if recipe.method.combining == "combiner":
-            self.add_combiner()
         self.logit_scale = recipe.method.logit_scale
         # Which towers are being trained right now (set by the trainer): a trainable image
         # tower must not be served from the feature cache.
@@ -70,7 +69,15 @@ class Clip4Cir(CIRMethod):
 
     def compose(self, reference: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Normalised query features from raw reference-image and text features."""
-        if self.combiner is not None:
+        mode = self.recipe.method.combining
+        if mode == "combiner" and self.combiner is None:
+            from cir_cli.errors import CirError
+
+            raise CirError(
+                "method.combining = 'combiner' but no Combiner weights were loaded; pass "
+                "--checkpoint <stage-II run or combiner .pt> (or set method.combining = 'auto')"
+            )
+        if self.combiner is not None and mode != "sum":
             return self.combiner.combine_features(reference, text)
         return F.normalize(reference + text, dim=-1)
 
@@ -86,7 +93,9 @@ class Clip4Cir(CIRMethod):
     def describe(self) -> dict[str, Any]:
         return {
             "method": self.name,
-            "combining": "combiner" if self.combiner is not None else "sum",
+            "combining": "combiner"
+            if self.combiner is not None and self.recipe.method.combining != "sum"
+            else "sum",
             "backbone": self.backbone.source,
         }
 
@@ -165,6 +174,8 @@ class Clip4CirFinetune(TripletTrainingTask):
         cfg = self.recipe.finetune
         self.cfg = cfg
         model.image_tower_trainable = cfg.encoder in ("both", "image")
+        # Stage I is the element-wise sum (spec 3.2): train and validate without a Combiner.
+        model.combiner = None
         self.features = None
         if not model.image_tower_trainable:
             # encoder = text: the image tower is frozen, so its features are computed once
