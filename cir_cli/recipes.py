@@ -36,9 +36,11 @@ class Clip4CirMethod(_Section):
     """CLIP4Cir (spec clip4cir_blip4cir.md 3.2, 4): sum in stage I, Combiner in stage II."""
 
     name: Literal["clip4cir"] = "clip4cir"
-    # How image and text features are fused at evaluation: the element-wise sum (stage I and
-    # the zero-shot baseline) or the trained Combiner (stage II).
-    combining: Literal["sum", "combiner"] = "sum"
+    # How image and text features are fused at evaluation: "sum" (the element-wise sum of
+    # stage I and the zero-shot baseline), "combiner" (a trained Combiner is required), or
+    # "auto" (the Combiner when a checkpoint brought one, otherwise the sum). Stage I always
+    # trains and validates the sum.
+    combining: Literal["auto", "sum", "combiner"] = "auto"
     logit_scale: float = 100.0
 
 
