@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,16 @@ import torch
 from cir_cli.io import atomic_path, write_text_atomic
 
 ComputeFn = Callable[[list[str]], torch.Tensor]
+
+
+def file_identity(name: str, path: Path) -> str:
+    """`name|path|size|mtime_ns`: changes whenever the file is replaced or rewritten."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        return f"{name}|{path.resolve()}|missing"
+    return f"{name}|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
 class FeatureCache:
@@ -90,6 +100,25 @@ class FeatureCache:
         if lazy:
             return CachedRows(index, list(names))
         return self._gather(index, names)
+
+    def get_or_compute_images(
+        self,
+        key: str,
+        names: Sequence[str],
+        paths: Mapping[str, Path],
+        compute: ComputeFn,
+        **kwargs,
+    ):
+        """`get_or_compute` for image files: rows are keyed by the file's identity too.
+
+        The identity is (name, absolute path, size, mtime), so a regenerated or replaced image
+        (same name, new content) is re-encoded instead of served stale.
+        """
+        ids = [file_identity(n, paths[n]) for n in names]
+        name_of = dict(zip(ids, names, strict=True))
+        return self.get_or_compute(
+            key, ids, lambda chunk: compute([name_of[i] for i in chunk]), **kwargs
+        )
 
     @staticmethod
     def _gather(index: dict[str, tuple[Path, int]], names: Sequence[str]) -> torch.Tensor:

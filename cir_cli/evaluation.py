@@ -120,7 +120,7 @@ def split_representations(
 
     if key is None:
         return names, compute(names)
-    return names, cache.get_or_compute(key, names, compute)
+    return names, cache.get_or_compute_images(key, names, split.image_paths, compute)
 
 
 @torch.no_grad()
@@ -179,7 +179,7 @@ def evaluate_split(
     ks = RECALL_KS.get(split.dataset, metrics.FASHIONIQ_KS)
     if has_targets and any(t.targets for t in split.triplets):
         result.map_at, result.tag_map = _multi_target_map(split, top.indices)
-    if has_targets and ks:
+    if has_targets:
         missing = [t.target for t in split.triplets if t.target not in gidx]
         if missing:
             from cir_cli.errors import CirError
@@ -188,6 +188,7 @@ def evaluate_split(
                 f"{split.label}: {len(missing)} target(s) not in the gallery, e.g. {missing[0]}"
             )
         targets = torch.tensor([gidx[t.target] for t in split.triplets])
+    if has_targets and ks:
         ranks = ranking.target_ranks(
             query_features,
             gallery,
@@ -202,7 +203,8 @@ def evaluate_split(
         width = max(len(t.group) for t in split.triplets)  # CIRR 6, GeneCIS 15
         groups = torch.full((len(split.triplets), width), -1, dtype=torch.long)
         for qi, t in enumerate(split.triplets):
-            members = [gidx[m] for m in t.group if m != t.reference]
+            # CIRR's subset drops the reference (removed from rankings); GeneCIS keeps all.
+            members = [gidx[m] for m in t.group if m != t.reference or not split.remove_reference]
             groups[qi, : len(members)] = torch.tensor(members, dtype=torch.long)
         ordered = ranking.rank_within_groups(query_features, gallery, groups, score_fn=score_fn)
         result.subset_top = [[split.gallery[i] for i in row if i >= 0] for row in ordered.tolist()]

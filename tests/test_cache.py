@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +50,8 @@ def test_chunks_are_committed_one_by_one_and_a_crash_loses_only_the_current(tmp_
             raise KeyboardInterrupt  # e.g. Ctrl-C during the second chunk
         return torch.ones(len(names), 2)
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         cache.get_or_compute("k", [f"x{i}" for i in range(5)], failing, chunk_size=2)
-    except KeyboardInterrupt:
-        pass
     assert cache.cached_names("k") == {"x0", "x1"}
     assert not list(tmp_path.rglob("*.tmp"))  # no half files
     compute = Counter()
@@ -74,3 +73,19 @@ def test_rows_are_memory_mapped(tmp_path: Path) -> None:
     folder = next(p for p in tmp_path.iterdir() if p.is_dir())
     (shard,) = folder.glob("shard-*.npy")
     assert isinstance(np.load(shard, mmap_mode="r"), np.memmap)
+
+
+def test_a_rewritten_image_file_is_re_encoded(tmp_path: Path) -> None:
+    import os
+
+    cache, compute = FeatureCache(tmp_path / "cache"), Counter()
+    files = {n: tmp_path / f"{n}.png" for n in ("a1", "a2")}
+    for path in files.values():
+        path.write_bytes(b"v1")
+    cache.get_or_compute_images("k", ["a1", "a2"], files, compute)
+    cache.get_or_compute_images("k", ["a2", "a1"], files, compute)
+    assert compute.names == ["a1", "a2"]
+    files["a2"].write_bytes(b"version 2")  # same name, new content (size and mtime change)
+    os.utime(files["a2"], ns=(1, 1))
+    cache.get_or_compute_images("k", ["a1", "a2"], files, compute)
+    assert compute.names == ["a1", "a2", "a2"]

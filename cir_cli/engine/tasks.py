@@ -92,5 +92,5 @@ class TripletTrainingTask:
                 description="encoding training images",
             )
 
-        feats = self.cache.get_or_compute(key, names, compute)
+        feats = self.cache.get_or_compute_images(key, names, self.split.image_paths, compute)
         return {n: i for i, n in enumerate(names)}, feats

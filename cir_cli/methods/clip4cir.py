@@ -177,15 +177,41 @@ class Clip4CirFinetune(TripletTrainingTask):
         # Stage I is the element-wise sum (spec 3.2): train and validate without a Combiner.
         model.combiner = None
         self.features = None
+        self.pixels = None
         if not model.image_tower_trainable:
             # encoder = text: the image tower is frozen, so its features are computed once
             # (cached on disk) and never re-encoded per epoch.
             self.features = self.train_image_features()
+        elif self.recipe.data.cache_pixels:
+            self.pixels = self.train_pixels()
         if cfg.grad_checkpointing:
             model.backbone.set_grad_checkpointing(True)
 
+    def train_pixels(self) -> tuple[dict[str, int], torch.Tensor]:
+        """Preprocessed pixels of every training image, decoded once through the cache."""
+        from torch.utils.data import DataLoader
+
+        from cir_cli.data.images import ImageFiles
+        from cir_cli.progress import progress_bar
+
+        names = self.split.image_names()
+
+        def compute(chunk: list[str]) -> torch.Tensor:
+            files = ImageFiles.from_names(chunk, self.split.image_paths, self.model.preprocess)
+            loader = DataLoader(files, batch_size=256, num_workers=self.recipe.data.num_workers)
+            out = []
+            with progress_bar("decoding training images", len(chunk)) as advance:
+                for _, pixels in loader:
+                    out.append(pixels)
+                    advance(len(pixels))
+            return torch.cat(out)
+
+        key = f"pixels-{self.model.preprocessing_id()}"
+        pixels = self.cache.get_or_compute_images(key, names, self.split.image_paths, compute)
+        return {n: i for i, n in enumerate(names)}, pixels
+
     def dataset(self):
-        if self.features is not None:
+        if self.features is not None or self.pixels is not None:
             return None
         from cir_cli.engine.common import TripletImages
 
@@ -201,7 +227,7 @@ class Clip4CirFinetune(TripletTrainingTask):
     def gather(self, indices: list[int]):
         from cir_cli.engine.common import training_text
 
-        rows, feats = self.features
+        rows, feats = self.features if self.features is not None else self.pixels
         ts = [self.split.triplets[i] for i in indices]
         refs = feats[[rows[t.reference] for t in ts]]
         tgts = feats[[rows[t.target] for t in ts]]
