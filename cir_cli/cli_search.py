@@ -22,6 +22,8 @@ _QUERIES_SHOWN = 20
 
 
 def _print_summary(summary, action: str) -> None:
+    from rich.markup import escape
+
     console = _console()
     parts = [f"{len(summary.encoded)} encoded"]
     if action == "updated":
@@ -36,7 +38,7 @@ def _print_summary(summary, action: str) -> None:
     if summary.skipped:
         console.print(f"[yellow]{len(summary.skipped)} unreadable file(s) skipped:[/]")
         for path, reason in summary.skipped[:_SKIPPED_SHOWN]:
-            console.print(f"  [yellow]{path}[/]: {reason}", soft_wrap=True, markup=True)
+            console.print(f"  [yellow]{escape(path)}[/]: {escape(reason)}", soft_wrap=True)
         if len(summary.skipped) > _SKIPPED_SHOWN:
             console.print(f"  ... and {len(summary.skipped) - _SKIPPED_SHOWN} more")
 
@@ -88,12 +90,13 @@ def index(
 
 
 def _results_table(result, title: str):
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table("rank", "score", "path", title=title, header_style="bold", title_justify="left")
     for hit in result.hits:
         style = "bold green" if result.target_rank == hit.rank else None
-        table.add_row(str(hit.rank), f"{hit.score:.4f}", str(hit.path), style=style)
+        table.add_row(str(hit.rank), f"{hit.score:.4f}", escape(str(hit.path)), style=style)
     return table
 
 
@@ -131,7 +134,7 @@ def search(
     checkpoint: CkptOpt = None,
     device: DeviceOpt = None,
     backend: Annotated[
-        str, typer.Option("--backend", help="auto, torch or faiss (exact either way).")
+        str, typer.Option("--backend", help="auto (= torch), torch or faiss; exact either way.")
     ] = "auto",
 ) -> None:
     """Find images matching a reference image modified by a text, in an index."""
@@ -145,6 +148,7 @@ def search(
         if image is not None or text is not None:
             raise CirError("--queries cannot be combined with --image/--text")
         batch = lib.read_queries(queries)
+    lib.check_query_images(batch)
     idx = lib.load_index(index_path)
     cfg = _load(recipe, overrides, None, None) if recipe else None
     if overrides and cfg is None:
@@ -157,6 +161,8 @@ def search(
         lib.render_html(results, html_out, title=title, subtitle=subtitle)
     if output is not None:
         lib.write_results(results, output)
+    from rich.markup import escape
+
     console = _console()
     if as_json:
         if queries is None:
@@ -167,7 +173,8 @@ def search(
                 typer.echo(json.dumps(result.to_dict()))
     elif queries is None:
         res = results[0]
-        console.print(_results_table(res, f"{res.query.image.name} + “{res.query.text}”"))
+        title = escape(f"{res.query.image.name} + “{res.query.text}”")
+        console.print(_results_table(res, title))
     else:
         from rich.table import Table
 
@@ -176,9 +183,9 @@ def search(
             top = res.hits[0] if res.hits else None
             table.add_row(
                 str(n),
-                res.query.image.name,
-                res.query.text,
-                top.path.name if top else "-",
+                escape(res.query.image.name),
+                escape(res.query.text),
+                escape(top.path.name) if top else "-",
                 f"{top.score:.4f}" if top else "-",
             )
         console.print(table)

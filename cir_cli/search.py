@@ -21,6 +21,11 @@ reader therefore always sees a manifest and the features it names, even after a 
 
 Unlike benchmark evaluation (where a missing image is an error, data/images.py), a user's folder
 may hold broken files: they are skipped, recorded and listed in the summary.
+
+Ranking is exact: torch matmul + top-k with the toolkit's tie rule (ranking.py). An exact faiss
+flat index is available (`--backend faiss`, optional dependency) and returns the same list, but
+it is not the default: building it per search costs more than the whole torch ranking (see
+`rank` and benchmarks/bench_search.py).
 """
 
 from __future__ import annotations
@@ -61,9 +66,6 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".
 # training hyper-parameters, data.root) may differ between indexing and search.
 _MODEL_SECTIONS = ("method", "backbone")
 _MODEL_DATA_KEYS = ("transform", "target_ratio", "image_size")
-# faiss is used (backend "auto") only from this gallery size on and for plain inner-product
-# scores; below it torch's matmul is at least as fast (benchmarks/bench_search.py).
-FAISS_MIN_GALLERY = 200_000
 # Extra faiss candidates re-scored with torch, so float differences between the two libraries at
 # the top-k boundary do not change which items are returned.
 _FAISS_MARGIN = 32
@@ -176,7 +178,8 @@ def model_keys(recipe: dict[str, Any]) -> dict[str, Any]:
         flatten(section, recipe.get(section, {}))
     data = recipe.get("data", {})
     for key in _MODEL_DATA_KEYS:
-        out[f"data.{key}"] = data.get(key)
+        if key in data:
+            out[f"data.{key}"] = data[key]
     return out
 
 
@@ -314,14 +317,19 @@ def _manifest_text(manifest: dict[str, Any]) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-def _write_index(location: Path, manifest: dict[str, Any], features: np.ndarray) -> None:
-    """Write features under a new name, commit the manifest, then delete stale feature files."""
+def check_out_location(location: Path) -> None:
+    """CirError unless `location` is free or an existing index (which is then replaced)."""
     if location.exists() and not location.is_dir():
         raise CirError(f"{location}: exists and is not a folder; choose another --out")
     if location.is_dir() and any(location.iterdir()) and not (location / MANIFEST).is_file():
         raise CirError(
             f"{location}: a non-empty folder that is not a cir index; choose another --out"
         )
+
+
+def _write_index(location: Path, manifest: dict[str, Any], features: np.ndarray) -> None:
+    """Write features under a new name, commit the manifest, then delete stale feature files."""
+    check_out_location(location)
     location.mkdir(parents=True, exist_ok=True)
     name = f"features-{secrets.token_hex(6)}.npy"
     with atomic_path(location / name) as tmp, open(tmp, "wb") as fh:
@@ -492,6 +500,7 @@ def build_index(
     start = time.perf_counter()
     root = Path(folder).expanduser().resolve()
     location = Path(out).expanduser()
+    check_out_location(location)  # before the encoding, which may take hours
     entries = scan_folder(root)
     recipe = _resolve_recipe_paths(recipe)
     ckpt = str(Path(checkpoint).expanduser().resolve()) if checkpoint else None
@@ -549,11 +558,13 @@ def check_compatible(
     if recipe is not None:
         want = model_keys(index.recipe_dict)
         got = model_keys(recipe.to_dict())
-        for key in sorted(want.keys() | got.keys()):
-            if want.get(key) != got.get(key):
+        # Keys the index's recipe lacks come from a newer schema (defaults added since it was
+        # built): they cannot be compared, and the index's own recipe still loads without them.
+        for key in sorted(want):
+            if want[key] != got.get(key):
                 raise CirError(
                     f"{where}: recipe mismatch: the index was built with {key} = "
-                    f"{want.get(key)!r}, the recipe gives {got.get(key)!r} (omit --recipe to "
+                    f"{want[key]!r}, the recipe gives {got.get(key)!r} (omit --recipe to "
                     "use the index's, or rebuild the index)"
                 )
         recipe = _resolve_recipe_paths(recipe)
@@ -672,11 +683,10 @@ def update_index(
         [(e.path, e, "old", row) for e, row in kept]
         + [(p, e, "new", row) for p, (e, row) in new_rows.items()]
     )
+    # A changed file that is now unreadable leaves the index and is listed as skipped.
     skipped = sorted(
-        [(e, reason) for e, reason in still_skipped] + [(to_encode[i], failed[i]) for i in failed],
-        key=lambda x: x[0].path,
+        still_skipped + [(to_encode[i], failed[i]) for i in failed], key=lambda x: x[0].path
     )
-    # Files that changed into unreadable ones are neither kept nor new: they drop out too.
     summary = IndexSummary(
         location=index.location,
         total=len(final),
@@ -687,7 +697,7 @@ def update_index(
         encode_seconds=encode_seconds,
     )
     unchanged = not to_encode and not removed and str(root) == index.manifest["root"]
-    if unchanged and [(e, r) for e, r in skipped] == index.skipped:
+    if unchanged and skipped == index.skipped:
         summary.seconds = time.perf_counter() - start
         return summary
     if not final:
@@ -764,7 +774,8 @@ class QueryResult:
 
 
 def read_queries(path: str | os.PathLike[str]) -> list[Query]:
-    """Queries from a CSV (columns image,text[,target]; header optional) or JSONL file.
+    """Queries from a CSV (columns image,text[,target]; header optional) or JSONL file
+    (one {"image", "text"[, "target"]} object per line; a .json array of them works too).
 
     Relative image paths are resolved against the queries file's folder, so a file travels with
     the images it names.
@@ -775,7 +786,17 @@ def read_queries(path: str | os.PathLike[str]) -> list[Query]:
     base = file.resolve().parent
     rows: list[tuple[int, dict[str, Any]]] = []
     text = file.read_text(encoding="utf-8-sig")
-    if file.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+    if file.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        # A JSON array of {"image", "text"} objects (what json.dump of a list writes).
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CirError(f"{file}: not valid JSON: {exc}") from None
+        for number, record in enumerate(records, 1):
+            if not isinstance(record, dict):
+                raise CirError(f"{file}: entry {number}: expected an object with image and text")
+            rows.append((number, record))
+    elif file.suffix.lower() in (".jsonl", ".ndjson", ".json"):
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
@@ -820,6 +841,14 @@ def read_queries(path: str | os.PathLike[str]) -> list[Query]:
     return queries
 
 
+def check_query_images(queries: Sequence[Query]) -> None:
+    """CirError naming the first missing query image (checked before any model work)."""
+    for n, query in enumerate(queries, 1):
+        if not query.image.is_file():
+            where = f" (query {n})" if len(queries) > 1 else ""
+            raise CirError(f"query image {query.image} not found{where}")
+
+
 def encode_queries(
     model: CIRMethod, queries: Sequence[Query], batch_size: int = 32
 ) -> torch.Tensor:
@@ -829,6 +858,7 @@ def encode_queries(
     from cir_cli.data.images import open_rgb
     from cir_cli.progress import progress_bar
 
+    check_query_images(queries)
     out = []
     was_training = model.training
     model.eval()
@@ -911,23 +941,21 @@ def rank(
     """(indices, scores) of the top-k gallery rows per query, best first.
 
     backend "torch": ranking.rank_gallery with the method's score (exact, stable). "faiss":
-    rank_faiss (inner-product methods only). "auto": faiss when installed, the score is the
-    plain inner product and the gallery has at least FAISS_MIN_GALLERY rows.
+    rank_faiss (exact flat index; inner-product methods only; faiss must be installed). "auto"
+    is torch: a `cir search` process would have to build the faiss index on every call, and
+    that alone costs more than torch's matmul + top-k over the memory-mapped features
+    (benchmarks/bench_search.py: 100k x 256-d, one query, 1 thread: torch 31 ms, faiss 231 ms
+    per search, 14 ms with a prebuilt index; at 100 queries torch is faster even prebuilt).
     """
     from cir_cli.ranking import rank_gallery
 
     if backend not in ("auto", "torch", "faiss"):
         raise CirError(f"--backend {backend!r}: expected auto, torch or faiss")
-    flat = gallery.dim() == 2 and _uses_inner_product(model)
     if backend == "faiss":
         if not faiss_available():
             raise CirError("--backend faiss: faiss is not installed (pip install faiss-cpu)")
-        if not flat:
+        if gallery.dim() != 2 or not _uses_inner_product(model):
             raise CirError(f"--backend faiss: method {model.name} does not score by inner product")
-    use_faiss = backend == "faiss" or (
-        backend == "auto" and flat and gallery.shape[0] >= FAISS_MIN_GALLERY and faiss_available()
-    )
-    if use_faiss:
         return rank_faiss(queries, gallery, k, exclude)
     result = rank_gallery(queries, gallery, k, exclude=exclude, score_fn=model.score)
     return result.indices, result.scores

@@ -120,6 +120,14 @@ def test_exclude_query_and_json(model, val_index: Path, toy_root: Path) -> None:
     assert [h["path"] for h in payload["results"]] == [
         str(h.path) for h in plain.hits if h.path != image
     ]
+    # --backend faiss gives the same list when faiss is installed, one clear line otherwise.
+    with_faiss = cli(*args, "--exclude-query", "--backend", "faiss")
+    if lib.faiss_available():
+        got = json.loads(with_faiss.stdout)["results"]
+        assert [h["path"] for h in got] == [h["path"] for h in payload["results"]]
+        assert [h["score"] for h in got] == pytest.approx([h["score"] for h in payload["results"]])
+    else:
+        assert_one_line_error(with_faiss, "faiss is not installed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,11 +196,13 @@ def test_update_reencodes_only_changes(
     again = lib.update_index(folder, out, model=model, num_workers=0)
     assert sum(calls) == 0 and not again.encoded and again.kept == 11 and not again.removed
 
-    # The CLI reports the update and lists the unreadable file.
+    # The CLI reports the update and lists the unreadable file (names are not rich markup).
     (folder / "sub" / source[14].name).write_bytes(source[14].read_bytes())
+    (folder / "[b]bad.png").write_bytes(b"\x89PNG broken")
     result = cli("index", str(folder), "--update", str(out), "--num-workers", "0")
     assert result.exit_code == 0, result.output
     assert "1 encoded" in result.output and "11 unchanged" in result.output
+    assert "1 skipped" in result.output and "[b]bad.png" in result.output
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,6 +304,9 @@ def test_corrupt_index(val_index: Path, toy_root: Path, tmp_path: Path) -> None:
                           "not a cir index")
     assert_one_line_error(cli("search", str(tmp_path / "nope"), "--image", image, "--text", "x"),
                           "index not found")
+    missing = str(tmp_path / "no.jpg")
+    assert_one_line_error(cli("search", str(val_index), "--image", missing, "--text", "x"),
+                          f"query image {missing} not found")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,6 +320,8 @@ def test_read_queries_formats(tmp_path: Path) -> None:
     assert qs[1].target == tmp_path / "t.png"
     (tmp_path / "q.jsonl").write_text('{"image": "/x/a.jpg", "text": "t"}\n\n')
     assert lib.read_queries(tmp_path / "q.jsonl") == [lib.Query(Path("/x/a.jpg"), "t")]
+    (tmp_path / "q.json").write_text('[{"image": "a.jpg", "text": "t", "target": "b.jpg"}]')
+    assert lib.read_queries(tmp_path / "q.json")[0].target == tmp_path / "b.jpg"
     (tmp_path / "bad.jsonl").write_text('{"image": "a.jpg"}\n')
     with pytest.raises(lib.CirError, match=r"bad.jsonl:1: needs an 'image' path and a 'text'"):
         lib.read_queries(tmp_path / "bad.jsonl")
