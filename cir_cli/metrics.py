@@ -273,7 +273,8 @@ def mean_average_precision_at_k(
     ranked_ids: Tensor, gt_ids: Tensor, ks: Sequence[int]
 ) -> dict[int, float]:
     """mAP@k in percent: the mean over queries of :func:`average_precision_at_k`."""
-    return {k: 100.0 * float(ap.mean()) for k, ap in average_precision_at_k(ranked_ids, gt_ids, ks).items()}
+    per_query = average_precision_at_k(ranked_ids, gt_ids, ks)
+    return {k: 100.0 * float(ap.mean()) for k, ap in per_query.items()}
 
 
 def circo_summary(

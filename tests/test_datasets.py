@@ -100,7 +100,7 @@ def test_fashioniq_categories_and_test_split(shared: Path) -> None:
     assert [s.subset for s in splits] == ["toptee", "dress"]
     assert [len(s.triplets) for s in splits] == [2056, 2024]
     assert all(t.target is None for s in splits for t in s.triplets)
-    with pytest.raises(CirError, match="cap.skirt.val.json"):
+    with pytest.raises(CirError, match=r"split.skirt.val.json not found"):
         load_split("fashioniq", shared / "fashioniq", "val", categories=["skirt"])
     with pytest.raises(CirError, match="not a plain name"):
         load_split("fashioniq", shared / "fashioniq", "val", categories=["../dress"])
@@ -188,9 +188,9 @@ def test_fashioniq_image_extensions(tmp_path: Path) -> None:
 
 
 def test_registry_errors(tmp_path: Path) -> None:
-    assert set(DATASETS) == {"cirr", "fashioniq"}
-    with pytest.raises(CirError, match="unknown dataset 'circo'; expected one of cirr, fashioniq"):
-        get_dataset("circo")
+    assert set(DATASETS) == {"cirr", "fashioniq", "circo", "genecis"}
+    with pytest.raises(CirError, match="unknown dataset 'coco'; expected one of cirr, fashioniq"):
+        get_dataset("coco")
     with pytest.raises(CirError, match="unknown CIRR split 'test'"):
         load_split("cirr", _cirr_root(tmp_path), "test")
     with pytest.raises(CirError, match="CIRR has no categories"):

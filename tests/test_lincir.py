@@ -52,7 +52,8 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def hf_tiny(hf_dir: Path):
-    return build_backbone(BackboneConfig(name="hf_clip", arch="cir-tiny-hf", pretrained=str(hf_dir)))
+    config = BackboneConfig(name="hf_clip", arch="cir-tiny-hf", pretrained=str(hf_dir))
+    return build_backbone(config)
 
 
 def _hand_set(backbone, vector: torch.Tensor, caption: str) -> torch.Tensor:
@@ -94,7 +95,8 @@ def test_injecting_a_word_embedding_reproduces_the_plain_prompt(which: str, requ
     ids, mask = tokenize_pieces(backbone.tokenizer, pieces)
     with torch.no_grad():
         injected = encode_with_pseudo_tokens(backbone, ids, mask, vector[None])
-        plain = backbone.encode_text(backbone.tokenize(["a photo of dog next to a dog on the grass"]))
+        text = "a photo of dog next to a dog on the grass"
+        plain = backbone.encode_text(backbone.tokenize([text]))
     torch.testing.assert_close(injected, plain, rtol=1e-5, atol=1e-5)
 
 

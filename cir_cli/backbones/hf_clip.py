@@ -1,4 +1,4 @@
-"""CLIP towers from Hugging Face transformers, as LinCIR loads them (spec lincir_searle_circo.md 1.1).
+"""CLIP towers from transformers, as LinCIR loads them (spec lincir_searle_circo.md 1.1).
 
 Two separate classes, `CLIPTextModelWithProjection` (`.text_embeds`) and
 `CLIPVisionModelWithProjection` (`.image_embeds`): projected, un-normalised features (B, d).

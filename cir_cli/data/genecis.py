@@ -42,7 +42,9 @@ def check_categories(categories: Sequence[str] | None) -> tuple[str, ...]:
         return CATEGORIES
     for cat in categories:
         if cat not in CATEGORIES:
-            raise CirError(f"unknown GeneCIS split '{cat}'; expected some of {', '.join(CATEGORIES)}")
+            raise CirError(
+                f"unknown GeneCIS split '{cat}'; expected some of {', '.join(CATEGORIES)}"
+            )
     return tuple(categories)
 
 

@@ -53,7 +53,7 @@ def describe(attrs: dict, rng: random.Random) -> str:
 def train_toy_clip(
     root: Path,
     out: Path,
-    steps: int = 800,
+    steps: int = 2000,
     batch_size: int = 128,
     lr: float = 1e-3,
     seed: int = 0,
@@ -103,7 +103,7 @@ def train_toy_clip(
 
 
 def prepare_toy_lincir(
-    root: Path, steps: int = 800, n_texts: int = 20_000, seed: int = 0
+    root: Path, steps: int = 2000, n_texts: int = 20_000, seed: int = 0
 ) -> tuple[Path, Path]:
     """Write `<root>/lincir/tiny_clip.safetensors` and `<root>/lincir/texts.txt`."""
     from cir_cli.data.text_corpus import toy_text_lines
@@ -121,7 +121,7 @@ def prepare_toy_lincir(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="data/toy", help="toy dataset (CIRR layout)")
-    parser.add_argument("--steps", type=int, default=800, help="CLIP training steps")
+    parser.add_argument("--steps", type=int, default=2000, help="CLIP training steps")
     parser.add_argument("--texts", type=int, default=20_000, help="text lines to generate")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

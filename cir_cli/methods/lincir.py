@@ -132,7 +132,10 @@ class LinCir(CIRMethod):
         otherwise the single caption / condition.
         """
         if split.dataset == "fashioniq" and self.cfg.fiq_both_orders:
-            return [tuple(t.captions) if len(t.captions) == 2 else t.captions[0] for t in split.triplets]
+            return [
+                tuple(t.captions) if len(t.captions) == 2 else t.captions[0]
+                for t in split.triplets
+            ]
         return split.texts()
 
     def queries_from_representation(
@@ -300,6 +303,9 @@ class LinCirFinetune:
         self.device = device
         self.cfg = self.recipe.finetune
         mcfg = self.recipe.method
+        # Only Phi trains (spec 1.6): no gradients are kept for the frozen CLIP towers.
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
         self.mcfg = mcfg
         self.epoch = 0
         backbone = model.backbone
