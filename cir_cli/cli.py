@@ -169,7 +169,9 @@ def recipes_validate(
 @app.command()
 @cli_command
 def prepare(
-    dataset: Annotated[str, typer.Argument(help="toy, cirr or fashioniq.")],
+    dataset: Annotated[
+        str, typer.Argument(help="toy, toy-lincir, cirr, fashioniq, circo or genecis.")
+    ],
     root: Annotated[
         Path | None, typer.Option("--root", help="Dataset root to check (cirr, fashioniq).")
     ] = None,
@@ -191,6 +193,14 @@ def prepare(
         summary = generate_toy(target, fmt=fmt, seed=seed)
         console.print(f"toy dataset ({fmt} layout, seed {seed}) written to {target}")
         console.print(summary)
+        return
+    if dataset == "toy-lincir":
+        # LinCIR is zero-shot: it needs an aligned CLIP (trained here on the toy *train* split
+        # only) and a text corpus; see cir_cli/data/toy_lincir.py.
+        from cir_cli.data.toy_lincir import prepare_toy_lincir
+
+        clip, texts = prepare_toy_lincir(root or Path("data/toy"), seed=seed)
+        console.print(f"wrote {clip} and {texts}")
         return
     from cir_cli.data import DATASETS
     from cir_cli.data.check import REPORT_COLUMNS, check_dataset, format_report, report_problems

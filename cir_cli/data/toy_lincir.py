@@ -9,7 +9,8 @@ top left corner"); the toy val/test images are never seen. It writes, under `<to
 - `tiny_clip.safetensors`: the CLIP state dict (open_clip keys; `backbone.pretrained`),
 - `texts.txt`: captions generated from the toy vocabulary (`method.text_files`).
 
-Run once after `cir prepare toy`:  python -m cir_cli.data.toy_lincir --root data/toy
+Run once after `cir prepare toy`:  cir prepare toy-lincir --root data/toy
+(or python -m cir_cli.data.toy_lincir --root data/toy)
 """
 
 from __future__ import annotations
@@ -96,9 +97,11 @@ def train_toy_clip(
             print(f"toy CLIP step {step + 1}/{steps} loss {float(loss):.3f}", flush=True)
     from safetensors.torch import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from cir_cli.io import atomic_path
+
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out))
+    with atomic_path(out) as tmp:
+        save_file(state, str(tmp))
     return out
 
 
