@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--encode-batch", type=int, default=32, help="the seeds' --clip-bs")
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--projection-dim", type=int, default=2560, help="CLIP4Cir's P")
+    parser.add_argument("--hidden-dim", type=int, default=5120, help="CLIP4Cir's H")
     args = parser.parse_args()
 
     from cir_cli import api
@@ -51,6 +53,7 @@ def main() -> None:
         f'data.root="{work / "toy"}"', f'output.dir="{work / "runs"}"',
         f'backbone.arch="{args.arch}"', "eval.batch_size=32",
         f"data.num_workers={args.workers}", f"combiner.batch_size={args.batch_size}",
+        f"combiner.projection_dim={args.projection_dim}", f"combiner.hidden_dim={args.hidden_dim}",
     ]
     recipe = load_recipe("toy_clip4cir", overrides)
     recipe.data.image_size = None  # the architecture's own input size (RN50x4: 288)
