@@ -33,6 +33,7 @@ OpenAI / open_clip ViT-L-14 state dict, or the open_clip tag `openai` for ViT-L)
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -73,6 +74,10 @@ _QFORMER_TINY = {
     "intermediate_size": 256,
     "max_position_embeddings": 128,
     "cross_attention_frequency": 2,
+    # Trained from scratch on a random frozen ViT, whose features differ little between images:
+    # BERT's 0.1 dropout noise swamps those differences and training collapses to ln(batch).
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
 }
 
 ARCHS: dict[str, dict[str, Any]] = {
@@ -89,6 +94,8 @@ ARCHS: dict[str, dict[str, Any]] = {
             "layer_norm_eps": 1e-6,
             "qkv_bias": True,
             "hidden_act": "gelu",
+            # transformers' default (1e-10) leaves a random-init ViT constant.
+            "initializer_range": 0.02,
         },
         "qformer": _QFORMER_BASE,
         "num_query_tokens": 32,
@@ -124,6 +131,8 @@ ARCHS: dict[str, dict[str, Any]] = {
             "layer_norm_eps": 1e-6,
             "qkv_bias": True,
             "hidden_act": "gelu",
+            # transformers' default (1e-10) leaves a random-init ViT constant.
+            "initializer_range": 0.02,
         },
         "qformer": _QFORMER_TINY,
         "num_query_tokens": 8,
@@ -148,6 +157,12 @@ ARCHS: dict[str, dict[str, Any]] = {
         "tokenizer": "cir-tiny",
     },
 }
+
+
+_NO_HF_VITL = (
+    "backbone.pretrained '{}': not a file, and transformers has BLIP-2 weights for ViT-g only; "
+    "the ViT-L variant loads LAVIS files (blip2_pretrained_vitL.pth)"
+)
 
 
 def _log(message: str) -> None:
@@ -199,7 +214,7 @@ def load_bert_tokenizer(spec: str, cache_dir: Path | None = None):
         vocab = folder / "vocab.txt"
         text = "\n".join(tiny_vocab()) + "\n"
         if not vocab.is_file() or vocab.read_text(encoding="utf-8") != text:
-            tmp = vocab.with_suffix(f".{id(text)}.tmp")
+            tmp = vocab.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(text, encoding="utf-8")
             tmp.replace(vocab)
         path = vocab
@@ -341,9 +356,16 @@ class Blip2Backbone(nn.Module):
         if arch not in ARCHS:
             raise CirError(f"backbone.arch '{arch}' is not a BLIP-2 arch; known: {_known()}")
         tokenizer = load_bert_tokenizer(config.tokenizer or ARCHS[arch]["tokenizer"])
+        hf_state = None
+        if config.pretrained and not Path(config.pretrained).expanduser().is_file():
+            # Read (or fail to find) the transformers weights before building a 1 B-parameter
+            # model only to discard it.
+            if ARCHS[arch]["vision"] != "eva":
+                raise CirError(_NO_HF_VITL.format(config.pretrained))
+            hf_state = _read_hf_retrieval(config.pretrained)
         model = cls(arch, tokenizer)
         if config.pretrained:
-            model.load_pretrained(config.pretrained)
+            model.load_pretrained(config.pretrained, hf_state)
         if config.vision_pretrained:
             model.load_vision(config.vision_pretrained)
         elif config.pretrained and not model._vision_loaded:
@@ -357,7 +379,9 @@ class Blip2Backbone(nn.Module):
 
     _vision_loaded = False
 
-    def load_pretrained(self, pretrained: str) -> None:
+    def load_pretrained(
+        self, pretrained: str, hf_state: dict[str, torch.Tensor] | None = None
+    ) -> None:
         """Weights from a transformers folder / hub id or a LAVIS checkpoint file."""
         path = Path(pretrained).expanduser()
         if path.is_file():
@@ -369,11 +393,8 @@ class Blip2Backbone(nn.Module):
             self.load_converted(converted, str(path), allow_missing_vision=True)
         else:
             if self.vision_kind != "eva":
-                raise CirError(
-                    f"backbone.pretrained '{pretrained}': transformers has BLIP-2 weights for "
-                    "ViT-g only; the ViT-L variant loads LAVIS files (blip2_pretrained_vitL.pth)"
-                )
-            state = _read_hf_retrieval(pretrained)
+                raise CirError(_NO_HF_VITL.format(pretrained))
+            state = hf_state if hf_state is not None else _read_hf_retrieval(pretrained)
             converted = convert_hf_retrieval_state(state)
             self.load_converted(converted, pretrained, allow_missing_vision=False)
         self.source = str(pretrained)
@@ -417,9 +438,7 @@ class Blip2Backbone(nn.Module):
     ) -> Converted:
         return convert_lavis_state(state, self.vision_kind, self.vision_layers, source, extra_keys)
 
-    def load_converted(
-        self, converted: Converted, source: str, allow_missing_vision: bool
-    ) -> None:
+    def load_converted(self, converted: Converted, source: str, allow_missing_vision: bool) -> None:
         """Strict load of a converted state dict; the only tolerated gaps are printed.
 
         Tolerated: the whole ViT absent (`allow_missing_vision`: LAVIS-saved files), `temp`
@@ -557,9 +576,7 @@ class Blip2Backbone(nn.Module):
         else:
             words = self.embeddings.word_embeddings(ids)
             total = length + prefix.shape[1]
-            positions = self.embeddings.position_embeddings(
-                torch.arange(total, device=ids.device)
-            )
+            positions = self.embeddings.position_embeddings(torch.arange(total, device=ids.device))
             seq = torch.cat([words[:, :1], prefix.to(words.dtype), words[:, 1:]], dim=1)
             embeds = seq + positions.unsqueeze(0)
         return self._qformer(embeds, 0, full_mask)
