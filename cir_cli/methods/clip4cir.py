@@ -252,6 +252,8 @@ class Clip4CirFinetune(TripletTrainingTask):
             betas=self.cfg.betas,
             eps=self.cfg.eps,
             weight_decay=self.cfg.weight_decay,
+            # the multi-tensor update: same arithmetic, far fewer kernel launches
+            foreach=True,
         )
 
     def set_train_mode(self) -> None:
@@ -267,8 +269,10 @@ class Clip4CirFinetune(TripletTrainingTask):
             ref_feats = refs.to(self.device)
             tgt_feats = tgts.to(self.device)
         else:
-            ref_feats = self.model.encode_images(refs)
-            tgt_feats = self.model.encode_images(tgts)
+            # One forward for references and targets: same result (the tower is in eval
+            # mode, no batch statistics), fewer and larger matrix products.
+            both = self.model.encode_images(torch.cat([refs, tgts]))
+            ref_feats, tgt_feats = both[: len(refs)], both[len(refs) :]
         text_feats = self.model.encode_texts(texts)
         queries = F.normalize(ref_feats.float() + text_feats.float(), dim=-1)
         targets = F.normalize(tgt_feats.float(), dim=-1)
