@@ -94,3 +94,51 @@ class TripletTrainingTask:
 
         feats = self.cache.get_or_compute_images(key, names, self.split.image_paths, compute)
         return {n: i for i, n in enumerate(names)}, feats
+
+    @torch.no_grad()
+    def encode_texts_once(self, texts: list[str]) -> torch.Tensor:
+        """Frozen text features of `texts` in eval mode (cached by the caller)."""
+        from cir_cli.progress import progress_bar
+
+        self.model.eval()
+        out = []
+        batch = self.recipe.eval.batch_size
+        with progress_bar("encoding training texts", len(texts)) as advance:
+            for start in range(0, len(texts), batch):
+                out.append(self.model.encode_texts(texts[start : start + batch]).float().cpu())
+                advance(len(out[-1]))
+        return torch.cat(out)
+
+
+class CombinerStage:
+    """Mixin for stage-II tasks: only the Combiner trains (Adam), on in-memory cached features.
+
+    Mixed in before a TripletTrainingTask subclass that sets `self.cfg` (the [combiner]
+    section) and fills the cached feature tables its `gather` reads.
+    """
+
+    def dataset(self):
+        return None
+
+    def collate(self, items):
+        return items
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.model.combiner.parameters()), "lr": self.cfg.lr}]
+
+    def make_optimizer(self, groups):
+        return torch.optim.Adam(groups, lr=self.cfg.lr)
+
+    def set_train_mode(self) -> None:
+        self.model.eval()
+        self.model.combiner.train()  # dropout active; the frozen towers stay in eval
+
+    def checkpoint_metadata(self) -> dict:
+        """Also names the stage-I checkpoint, so the Combiner alone brings its encoders back."""
+        meta = super().checkpoint_metadata()
+        base = self.recipe.finetune.checkpoint
+        if base:
+            from cir_cli.engine.checkpointing import resolve_weights_file
+
+            meta["base_checkpoint"] = str(resolve_weights_file(base).resolve())
+        return meta

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cir_cli.backbones import build_backbone
-from cir_cli.engine.tasks import TripletTrainingTask
+from cir_cli.engine.tasks import CombinerStage, TripletTrainingTask
 from cir_cli.errors import CirError
 from cir_cli.methods.base import CIRMethod, state_fingerprint
 from cir_cli.methods.prompts import DIRECTION_TOKENS, directed_text
@@ -441,7 +441,7 @@ class Blip4CirFinetune(_DirectedTask):
         return loss_f + self.weight * loss_r, parts
 
 
-class Blip4CirCombinerTraining(_DirectedTask):
+class Blip4CirCombinerTraining(CombinerStage, _DirectedTask):
     """Stage II (spec 4.3): the Combiner on cached image features and precomputed texts.
 
     Every caption variant x direction is encoded once (FashionIQ: 4 joins x 2 directions per
@@ -472,7 +472,7 @@ class Blip4CirCombinerTraining(_DirectedTask):
         )
         fingerprint = state_fingerprint(model.backbone.text_module())
         key = f"blip-text-{model.backbone.arch}-{model.prompts}-{fingerprint}"
-        self.text_feats = self.cache.get_or_compute(key, texts, self._encode_texts)
+        self.text_feats = self.cache.get_or_compute(key, texts, self.encode_texts_once)
         row_of = {s: i for i, s in enumerate(texts)}
         self.variant_rows = {
             direction: torch.tensor(
@@ -482,25 +482,6 @@ class Blip4CirCombinerTraining(_DirectedTask):
         }
         self.ref_rows = torch.tensor([self.rows[t.reference] for t in self.split.triplets])
         self.tgt_rows = torch.tensor([self.rows[t.target] for t in self.split.triplets])
-
-    @torch.no_grad()
-    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
-        from cir_cli.progress import progress_bar
-
-        self.model.eval()
-        out = []
-        batch = self.recipe.eval.batch_size
-        with progress_bar("encoding training texts", len(texts)) as advance:
-            for start in range(0, len(texts), batch):
-                out.append(self.model.encode_texts(texts[start : start + batch]).float().cpu())
-                advance(len(out[-1]))
-        return torch.cat(out)
-
-    def dataset(self):
-        return None
-
-    def collate(self, items):
-        return items
 
     def gather(self, indices: list[int]):
         idx = torch.tensor(indices)
@@ -513,16 +494,6 @@ class Blip4CirCombinerTraining(_DirectedTask):
             self.text_feats[self.variant_rows["backward"][idx, backward]],
             self.image_feats[self.tgt_rows[idx]],
         )
-
-    def param_groups(self) -> list[dict]:
-        return [{"params": list(self.model.combiner.parameters()), "lr": self.cfg.lr}]
-
-    def make_optimizer(self, groups):
-        return torch.optim.Adam(groups, lr=self.cfg.lr)
-
-    def set_train_mode(self) -> None:
-        self.model.eval()
-        self.model.combiner.train()  # dropout 0.5 active; both towers frozen in eval
 
     def compute_loss(self, batch):
         refs, forward, backward, tgts = (t.to(self.device, non_blocking=True) for t in batch)
@@ -540,12 +511,3 @@ class Blip4CirCombinerTraining(_DirectedTask):
         loss_r = _ce(logits_r, offset)
         parts["loss_reversed"] = float(loss_r.detach())
         return loss_f + self.weight * loss_r, parts
-
-    def checkpoint_metadata(self) -> dict:
-        meta = super().checkpoint_metadata()
-        base = self.recipe.finetune.checkpoint
-        if base:
-            from cir_cli.engine.checkpointing import resolve_weights_file
-
-            meta["base_checkpoint"] = str(resolve_weights_file(base).resolve())
-        return meta

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from cir_cli.backbones import build_backbone
-from cir_cli.engine.tasks import TripletTrainingTask
+from cir_cli.engine.tasks import CombinerStage, TripletTrainingTask
 from cir_cli.methods.base import CIRMethod, state_fingerprint
 
 if TYPE_CHECKING:
@@ -280,7 +280,7 @@ class Clip4CirFinetune(TripletTrainingTask):
         return loss, {}
 
 
-class Clip4CirCombinerTraining(TripletTrainingTask):
+class Clip4CirCombinerTraining(CombinerStage, TripletTrainingTask):
     """Stage II (spec 4.2): the Combiner on cached features of the frozen stage-I encoders.
 
     Image features are computed once per image and text features once per caption variant
@@ -303,7 +303,7 @@ class Clip4CirCombinerTraining(TripletTrainingTask):
         variants = all_text_variants(self.split, self.policy)
         texts = list(dict.fromkeys(v for vs in variants for v in vs))
         text_key = f"clip-text-{self.model.backbone.arch}-{self._text_fingerprint()}"
-        text_feats = self.cache.get_or_compute(text_key, texts, self._encode_texts)
+        text_feats = self.cache.get_or_compute(text_key, texts, self.encode_texts_once)
         text_row = {t: i for i, t in enumerate(texts)}
         width = max(len(vs) for vs in variants)
         # (n_triplets, width) indices into text_feats; single-variant rows repeat their text.
@@ -320,25 +320,6 @@ class Clip4CirCombinerTraining(TripletTrainingTask):
         backbone = self.model.backbone
         text_modules = [m for n, m in backbone.model.named_children() if n != "visual"]
         return state_fingerprint(*text_modules)
-
-    @torch.no_grad()
-    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
-        from cir_cli.progress import progress_bar
-
-        self.model.eval()
-        out = []
-        batch = self.recipe.eval.batch_size
-        with progress_bar("encoding training texts", len(texts)) as advance:
-            for start in range(0, len(texts), batch):
-                out.append(self.model.encode_texts(texts[start : start + batch]).float().cpu())
-                advance(len(out[-1]))
-        return torch.cat(out)
-
-    def dataset(self):
-        return None
-
-    def collate(self, items):
-        return items
 
     def gather(self, indices: list[int]):
         from cir_cli.engine.common import text_variant
@@ -361,16 +342,6 @@ class Clip4CirCombinerTraining(TripletTrainingTask):
             self.image_feats[self.tgt_rows[idx]],
         )
 
-    def param_groups(self) -> list[dict]:
-        return [{"params": list(self.model.combiner.parameters()), "lr": self.cfg.lr}]
-
-    def make_optimizer(self, groups):
-        return torch.optim.Adam(groups, lr=self.cfg.lr)
-
-    def set_train_mode(self) -> None:
-        self.model.eval()
-        self.model.combiner.train()  # dropout 0.5 active, encoders frozen in eval
-
     def compute_loss(self, batch):
         from cir_cli.engine.common import contrastive_loss
 
@@ -378,12 +349,3 @@ class Clip4CirCombinerTraining(TripletTrainingTask):
         queries = self.model.combiner.combine_features(refs, texts)
         targets = F.normalize(tgts, dim=-1)
         return contrastive_loss(queries, targets, self.model.logit_scale), {}
-
-    def checkpoint_metadata(self) -> dict:
-        meta = super().checkpoint_metadata()
-        base = self.recipe.finetune.checkpoint
-        if base:
-            from cir_cli.engine.checkpointing import resolve_weights_file
-
-            meta["base_checkpoint"] = str(resolve_weights_file(base).resolve())
-        return meta
