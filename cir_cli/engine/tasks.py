@@ -75,8 +75,12 @@ class TripletTrainingTask:
     def checkpoint_metadata(self) -> dict:
         return {"stage": self.stage, "recipe": self.recipe.to_dict()}
 
-    def train_image_features(self) -> tuple[dict[str, int], torch.Tensor]:
-        """Frozen image features of every training image, computed once through the cache."""
+    def train_image_features(self, lazy: bool = False) -> tuple[dict[str, int], torch.Tensor]:
+        """Frozen image features of every training image, computed once through the cache.
+
+        The cache entries are the ones evaluation uses too. `lazy=True` returns rows read on
+        demand from the memory-mapped shards (large per-image tensors such as ViT tokens).
+        """
         from cir_cli.evaluation import compute_representations
 
         names = self.split.image_names()
@@ -92,7 +96,9 @@ class TripletTrainingTask:
                 description="encoding training images",
             )
 
-        feats = self.cache.get_or_compute_images(key, names, self.split.image_paths, compute)
+        feats = self.cache.get_or_compute_images(
+            key, names, self.split.image_paths, compute, lazy=lazy
+        )
         return {n: i for i, n in enumerate(names)}, feats
 
     @torch.no_grad()

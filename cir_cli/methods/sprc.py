@@ -281,29 +281,10 @@ class SprcFinetune(TripletTrainingTask):
                 "finetune.encoder: SPRC trains the Q-Former (the ViT is always frozen); "
                 "leave it at 'both'"
             )
-        self.rows, self.features = self._train_tokens()
+        # Frozen ViT tokens, computed once (the entries evaluation uses), read lazily.
+        self.rows, self.features = self.train_image_features(lazy=True)
         self.ref_rows = torch.tensor([self.rows[t.reference] for t in self.split.triplets])
         self.tgt_rows = torch.tensor([self.rows[t.target] for t in self.split.triplets])
-
-    def _train_tokens(self):
-        """Frozen ViT tokens of every training image: computed once through the feature cache
-        (the same entries evaluation uses), then read lazily from its memory-mapped shards."""
-        from cir_cli.evaluation import compute_representations
-
-        names = self.split.image_names()
-
-        def compute(chunk: list[str]) -> torch.Tensor:
-            return compute_representations(
-                self.model,
-                chunk,
-                self.split.image_paths,
-                self.recipe.eval.batch_size,
-                self.recipe.data.num_workers,
-                description="encoding training images",
-            )
-
-        rows = self.cache.get_or_compute(self.model.image_cache_key(), names, compute, lazy=True)
-        return {n: i for i, n in enumerate(names)}, rows
 
     def dataset(self):
         return None
