@@ -145,6 +145,8 @@ class TrainResult:
     best: dict[str, float] | None = None
     steps: int = 0
     stopped_early: bool = False
+    # Wall time of each epoch's batch loop (no validation, no checkpoint writing).
+    epoch_seconds: list[float] = field(default_factory=list)
 
 
 class Trainer:
@@ -354,6 +356,7 @@ class Trainer:
                         if total_steps and step >= total_steps:
                             stop = True
                             break
+            result.epoch_seconds.append(time.perf_counter() - started)
             epoch_loss = float(np.mean(losses)) if losses else float("nan")
             epoch += 1
             batch_in_epoch = 0
