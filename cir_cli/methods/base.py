@@ -134,3 +134,26 @@ class CIRMethod(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name}
+
+
+class FusedFeatureMethod(CIRMethod):
+    """Methods whose query fuses raw image and text features (CLIP4Cir, BLIP4CIR).
+
+    The cached representation is the raw image feature, targets are its normalised copy, and a
+    query is `compose(raw reference, raw text)` (the sum or the method's Combiner).
+    """
+
+    def compose(self, reference: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def image_representation(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.encode_images(pixels).float()
+
+    def queries_from_representation(
+        self, reference: torch.Tensor, texts: list[str]
+    ) -> torch.Tensor:
+        text = self.encode_texts(texts).float()
+        return self.compose(reference.to(text.device).float(), text)
+
+    def targets_from_representation(self, representation: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(representation.float(), dim=-1)

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from cir_cli.backbones import build_backbone
 from cir_cli.engine.tasks import CombinerStage, TripletTrainingTask
 from cir_cli.errors import CirError
-from cir_cli.methods.base import CIRMethod, state_fingerprint
+from cir_cli.methods.base import FusedFeatureMethod, state_fingerprint
 from cir_cli.methods.prompts import DIRECTION_TOKENS, directed_text
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def _ce(logits: torch.Tensor, offset: int) -> torch.Tensor:
 # The method
 
 
-class Blip4Cir(CIRMethod):
+class Blip4Cir(FusedFeatureMethod):
     name = "blip4cir"
 
     def __init__(self, recipe: Recipe) -> None:
@@ -210,22 +210,10 @@ class Blip4Cir(CIRMethod):
         weights = state_fingerprint(self.backbone.image_module())
         return f"blip-image-{self.backbone.arch}-{weights}-{self.preprocessing_id()}"
 
-    def image_representation(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.encode_images(pixels).float()
-
     def compose(self, reference: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         if self.combiner is not None:
             return self.combiner.combine_features(reference, text)
         return F.normalize(reference + text, dim=-1)
-
-    def queries_from_representation(
-        self, reference: torch.Tensor, texts: list[str]
-    ) -> torch.Tensor:
-        text = self.encode_texts(texts).float()
-        return self.compose(reference.to(text.device).float(), text)
-
-    def targets_from_representation(self, representation: torch.Tensor) -> torch.Tensor:
-        return F.normalize(representation.float(), dim=-1)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -14,13 +14,13 @@ import torch.nn.functional as F
 
 from cir_cli.backbones import build_backbone
 from cir_cli.engine.tasks import CombinerStage, TripletTrainingTask
-from cir_cli.methods.base import CIRMethod, state_fingerprint
+from cir_cli.methods.base import FusedFeatureMethod, state_fingerprint
 
 if TYPE_CHECKING:
     from cir_cli.recipes import Recipe
 
 
-class Clip4Cir(CIRMethod):
+class Clip4Cir(FusedFeatureMethod):
     name = "clip4cir"
 
     def __init__(self, recipe: Recipe) -> None:
@@ -64,9 +64,6 @@ class Clip4Cir(CIRMethod):
         weights = state_fingerprint(self.backbone.image_module())
         return f"clip-image-{self.backbone.arch}-{weights}-{self.preprocessing_id()}"
 
-    def image_representation(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.encode_images(pixels).float()
-
     def compose(self, reference: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Normalised query features from raw reference-image and text features."""
         mode = self.recipe.method.combining
@@ -80,15 +77,6 @@ class Clip4Cir(CIRMethod):
         if self.combiner is not None and mode != "sum":
             return self.combiner.combine_features(reference, text)
         return F.normalize(reference + text, dim=-1)
-
-    def queries_from_representation(
-        self, reference: torch.Tensor, texts: list[str]
-    ) -> torch.Tensor:
-        text = self.encode_texts(texts).float()
-        return self.compose(reference.to(text.device).float(), text)
-
-    def targets_from_representation(self, representation: torch.Tensor) -> torch.Tensor:
-        return F.normalize(representation.float(), dim=-1)
 
     def describe(self) -> dict[str, Any]:
         return {
