@@ -9,7 +9,7 @@ the summary protocol below.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -74,8 +74,10 @@ def compute_representations(
     batch_size: int,
     num_workers: int,
     description: str = "encoding images",
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Run the method's image path over image files (decoded in DataLoader workers)."""
+    """Run the method's image path (or `encode`) over image files, decoded in DataLoader
+    workers, in eval mode and without gradients."""
     from torch.utils.data import DataLoader
 
     from cir_cli.data.images import ImageFiles
@@ -87,7 +89,7 @@ def compute_representations(
     model.eval()
     with progress_bar(description, len(names)) as advance, torch.no_grad(), _autocast(model):
         for _, pixels in loader:
-            reps = model.image_representation(pixels.to(model.device))
+            reps = (encode or model.image_representation)(pixels.to(model.device))
             # Float32 unless the method keeps large per-image tensors in half precision
             # (`representation_dtype`, e.g. SPRC's 257 x 1408 ViT tokens in fp16).
             chunks.append(reps.to(getattr(model, "representation_dtype", torch.float32)).cpu())

@@ -294,10 +294,105 @@ def _vision_config(kind: str, values: dict[str, Any]):
 
 
 # --------------------------------------------------------------------------------------------
+# Q-Former paths (shared by the backbone and by separately trained copies)
+
+
+class QFormerPaths:
+    """P-img, P-txt, P-mm and P-prefix over `query_tokens`, `embeddings` and `qformer`.
+
+    Mixed into `Blip2Backbone` and `QFormerCopy`: CaLa trains its textual, multimodal and visual
+    Q-Formers separately, on one shared frozen ViT.
+    """
+
+    query_tokens: nn.Parameter
+    num_query_tokens: int
+
+    def _qformer(
+        self,
+        embeds: torch.Tensor,
+        query_length: int,
+        mask: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.qformer(
+            query_embeds=embeds,
+            query_length=query_length,
+            attention_mask=mask,
+            encoder_hidden_states=image,
+        )[0]
+
+    def query_outputs(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """P-img: the query tokens cross-attend to the image, (B, Nq, D)."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self._qformer(queries, self.num_query_tokens, image=image_embeds)
+
+    def text_outputs(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """P-txt: text only, (B, L, D); the CLS output is at index 0."""
+        return self._qformer(self.embeddings(input_ids=ids), 0, mask)
+
+    def multimodal_outputs(
+        self, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """P-mm: [queries, text], queries cross-attend to the image, (B, Nq + L, D)."""
+        batch = ids.shape[0]
+        queries = self.query_tokens.expand(batch, -1, -1)
+        embeds = self.embeddings(input_ids=ids, query_embeds=queries)
+        full_mask = torch.cat([mask.new_ones(batch, self.num_query_tokens), mask], dim=1)
+        return self._qformer(embeds, self.num_query_tokens, full_mask, image_embeds)
+
+    def prefix_text_outputs(
+        self, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, spliced: bool = False
+    ) -> torch.Tensor:
+        """P-prefix: prefix embeddings + text, no image; all positions take the text FFN.
+
+        `spliced=False` (SPRC pass 2): [prefix (no position embedding), text with positions
+        0..L-1], as upstream embeddings prepend query embeds. `spliced=True` (SPRC's `no_img`
+        embeddings, spec 1.2): [CLS, prefix, text[1:]] with positions 0..P+L-1 on all of them.
+        The mask is [ones(P), text mask] in both cases (the CLS mask is 1, so it also lines up
+        with the spliced order). Output (B, P + L, D).
+        """
+        batch, length = ids.shape
+        prefix = prefix.expand(batch, -1, -1)
+        full_mask = torch.cat([mask.new_ones(batch, prefix.shape[1]), mask], dim=1)
+        if not spliced:
+            embeds = self.embeddings(input_ids=ids, query_embeds=prefix)
+        else:
+            words = self.embeddings.word_embeddings(ids)
+            total = length + prefix.shape[1]
+            positions = self.embeddings.position_embeddings(torch.arange(total, device=ids.device))
+            seq = torch.cat([words[:, :1], prefix.to(words.dtype), words[:, 1:]], dim=1)
+            embeds = seq + positions.unsqueeze(0)
+        return self._qformer(embeds, 0, full_mask)
+
+
+class QFormerCopy(QFormerPaths, nn.Module):
+    """A separately trainable copy of a backbone's Q-Former (query tokens, text embeddings, BERT
+    layers). Keys: `query_tokens`, `embeddings.*`, `qformer.*`, as in the backbone."""
+
+    def __init__(self, backbone: Blip2Backbone) -> None:
+        super().__init__()
+        import copy
+
+        self.num_query_tokens = backbone.num_query_tokens
+        self.query_tokens = nn.Parameter(backbone.query_tokens.detach().clone())
+        self.embeddings = copy.deepcopy(backbone.embeddings)
+        self.qformer = copy.deepcopy(backbone.qformer)
+
+    def text_path_parameters(self) -> list[nn.Parameter]:
+        """What P-txt uses: embeddings + self-attention and text-FFN layers (no cross-attention,
+        no query FFN, no query tokens); the rest never receives a gradient from it."""
+        return [
+            p
+            for name, p in self.named_parameters()
+            if name != "query_tokens" and "crossattention" not in name and "_query" not in name
+        ]
+
+
+# --------------------------------------------------------------------------------------------
 # The backbone
 
 
-class Blip2Backbone(nn.Module):
+class Blip2Backbone(QFormerPaths, nn.Module):
     """BLIP-2 first stage (spec 0): the paths SPRC and CaLa compose (see the module docstring)."""
 
     def __init__(self, arch: str, tokenizer, source: str = "random-init") -> None:
@@ -493,6 +588,10 @@ class Blip2Backbone(nn.Module):
             self._fingerprint = (guard, state_fingerprint(self.vision_model))
         return self._fingerprint[1]
 
+    def token_cache_key(self, precision: str, preprocessing: str) -> str:
+        """Cache key of `vision_tokens`: every BLIP-2 method (SPRC, CaLa) shares the entries."""
+        return f"blip2-vit-{self.arch}-{self.vision_fingerprint()}-{precision}-{preprocessing}"
+
     # -- the paths -----------------------------------------------------------------------------
 
     def tokenize(
@@ -523,63 +622,6 @@ class Blip2Backbone(nn.Module):
             self.ln_vision.bias.float(),
             self.ln_vision.eps,
         )
-
-    def _qformer(
-        self,
-        embeds: torch.Tensor,
-        query_length: int,
-        mask: torch.Tensor | None = None,
-        image: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.qformer(
-            query_embeds=embeds,
-            query_length=query_length,
-            attention_mask=mask,
-            encoder_hidden_states=image,
-        )[0]
-
-    def query_outputs(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """P-img: the query tokens cross-attend to the image, (B, Nq, D)."""
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        return self._qformer(queries, self.num_query_tokens, image=image_embeds)
-
-    def text_outputs(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """P-txt: text only, (B, L, D); the CLS output is at index 0."""
-        return self._qformer(self.embeddings(input_ids=ids), 0, mask)
-
-    def multimodal_outputs(
-        self, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """P-mm: [queries, text], queries cross-attend to the image, (B, Nq + L, D)."""
-        batch = ids.shape[0]
-        queries = self.query_tokens.expand(batch, -1, -1)
-        embeds = self.embeddings(input_ids=ids, query_embeds=queries)
-        full_mask = torch.cat([mask.new_ones(batch, self.num_query_tokens), mask], dim=1)
-        return self._qformer(embeds, self.num_query_tokens, full_mask, image_embeds)
-
-    def prefix_text_outputs(
-        self, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, spliced: bool = False
-    ) -> torch.Tensor:
-        """P-prefix: prefix embeddings + text, no image; all positions take the text FFN.
-
-        `spliced=False` (SPRC pass 2): [prefix (no position embedding), text with positions
-        0..L-1], as upstream embeddings prepend query embeds. `spliced=True` (SPRC's `no_img`
-        embeddings, spec 1.2): [CLS, prefix, text[1:]] with positions 0..P+L-1 on all of them.
-        The mask is [ones(P), text mask] in both cases (the CLS mask is 1, so it also lines up
-        with the spliced order). Output (B, P + L, D).
-        """
-        batch, length = ids.shape
-        prefix = prefix.expand(batch, -1, -1)
-        full_mask = torch.cat([mask.new_ones(batch, prefix.shape[1]), mask], dim=1)
-        if not spliced:
-            embeds = self.embeddings(input_ids=ids, query_embeds=prefix)
-        else:
-            words = self.embeddings.word_embeddings(ids)
-            total = length + prefix.shape[1]
-            positions = self.embeddings.position_embeddings(torch.arange(total, device=ids.device))
-            seq = torch.cat([words[:, :1], prefix.to(words.dtype), words[:, 1:]], dim=1)
-            embeds = seq + positions.unsqueeze(0)
-        return self._qformer(embeds, 0, full_mask)
 
     def project_image(self, query_outputs: torch.Tensor) -> torch.Tensor:
         """norm(vision_proj(.)) per query token, (B, Nq, E)."""

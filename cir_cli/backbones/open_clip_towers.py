@@ -137,6 +137,51 @@ class OpenClipBackbone(nn.Module):
         """Raw (unnormalised) projected text features, (B, D)."""
         return self.model.encode_text(tokens)
 
+    def encode_image_with_map(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(projected global (B, D), layer-4 map before the attention pool (B, C, H, W)).
+
+        ResNet towers only (RN50x4: (B, 2560, 9, 9) at 288 px). The map is the attention pool's
+        input, captured by a forward pre-hook during open_clip's own `encode_image`: the global
+        feature is exactly encode_image's, and no library code is patched (CaLa edits CLIP's
+        `ModifiedResNet.forward`).
+        """
+        pool = getattr(self.model.visual, "attnpool", None)
+        if pool is None:
+            from cir_cli.errors import CirError
+
+            raise CirError(
+                f"backbone.arch '{self.arch}': CaLa's CLIP variant needs a ResNet image tower "
+                "with an attention pool (RN50x4, cir-tiny-rn)"
+            )
+        captured: list[torch.Tensor] = []
+        handle = pool.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        try:
+            features = self.model.encode_image(pixels)
+        finally:
+            handle.remove()
+        return features, captured[0]
+
+    def encode_text_with_sequence(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(projected global (B, D), ln_final token sequence (B, L, W) incl. padding positions).
+
+        The sequence is ln_final's output, captured by a forward hook during open_clip's own
+        `encode_text` (CaLa edits CLIP's `encode_text` to return it).
+        """
+        captured: list[torch.Tensor] = []
+        handle = self.model.ln_final.register_forward_hook(
+            lambda _m, _args, out: captured.append(out)
+        )
+        try:
+            features = self.model.encode_text(tokens)
+        finally:
+            handle.remove()
+        return features, captured[0]
+
+    def map_shape(self) -> tuple[int, int]:
+        """(channels C, positions H*W) of `encode_image_with_map`'s map, from the pool's size."""
+        pos = self.model.visual.attnpool.positional_embedding
+        return int(pos.shape[1]), int(pos.shape[0]) - 1
+
     def image_module(self) -> nn.Module:
         return self.model.visual
 

@@ -85,15 +85,22 @@ def contrastive_loss(queries: torch.Tensor, targets: torch.Tensor, scale: float)
     `queries` and `targets` are the normalised local rows; under torchrun the targets of all
     ranks are gathered (with gradients), so N processes optimise the same loss as one.
     """
-    all_targets = gather_with_grad(targets)
+    all_targets, labels = global_batch(targets)
+    return F.cross_entropy(scale * queries @ all_targets.T, labels)
+
+
+def global_batch(local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the rows of all ranks, gathered with gradients; the index of each local row in them).
+
+    One process: (local, arange(B)). Under torchrun rank k's rows sit at k*B .. k*B + B - 1.
+    """
+    all_rows = gather_with_grad(local)
     offset = 0
-    if all_targets.shape[0] != targets.shape[0]:
+    if all_rows.shape[0] != local.shape[0]:
         import torch.distributed as dist
 
-        offset = dist.get_rank() * targets.shape[0]
-    logits = scale * queries @ all_targets.T
-    labels = torch.arange(queries.shape[0], device=queries.device) + offset
-    return F.cross_entropy(logits, labels)
+        offset = dist.get_rank() * local.shape[0]
+    return all_rows, torch.arange(local.shape[0], device=local.device) + offset
 
 
 def named_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

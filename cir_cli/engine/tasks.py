@@ -75,16 +75,20 @@ class TripletTrainingTask:
     def checkpoint_metadata(self) -> dict:
         return {"stage": self.stage, "recipe": self.recipe.to_dict()}
 
-    def train_image_features(self, lazy: bool = False) -> tuple[dict[str, int], torch.Tensor]:
+    def train_image_features(
+        self, lazy: bool = False, key: str | None = None, encode=None
+    ) -> tuple[dict[str, int], torch.Tensor]:
         """Frozen image features of every training image, computed once through the cache.
 
-        The cache entries are the ones evaluation uses too. `lazy=True` returns rows read on
-        demand from the memory-mapped shards (large per-image tensors such as ViT tokens).
+        By default the method's `image_representation` under its `image_cache_key`, the
+        entries evaluation uses too; a stage that needs more per image (CaLa-CLIP's layer-4
+        maps) passes its own `key` and `encode`. `lazy=True` returns rows read on demand from
+        the memory-mapped shards (large per-image tensors such as ViT tokens).
         """
         from cir_cli.evaluation import compute_representations
 
         names = self.split.image_names()
-        key = self.model.image_cache_key()
+        key = key or self.model.image_cache_key()
 
         def compute(chunk: list[str]) -> torch.Tensor:
             return compute_representations(
@@ -94,6 +98,7 @@ class TripletTrainingTask:
                 self.recipe.eval.batch_size,
                 self.recipe.data.num_workers,
                 description="encoding training images",
+                encode=encode,
             )
 
         feats = self.cache.get_or_compute_images(

@@ -16,6 +16,7 @@ METHODS: dict[str, str] = {
     "lincir": "cir_cli.methods.lincir:LinCir",
     "blip4cir": "cir_cli.methods.blip4cir:Blip4Cir",
     "sprc": "cir_cli.methods.sprc:Sprc",
+    "cala": "cir_cli.methods.cala:Cala",
 }
 
 

@@ -154,11 +154,8 @@ class Sprc(CIRMethod):
 
     def image_cache_key(self) -> str | None:
         # The ViT never trains, so its tokens are always cacheable.
-        backbone = self.backbone
-        precision = self.recipe.backbone.precision
-        return (
-            f"blip2-vit-{backbone.arch}-{backbone.vision_fingerprint()}-{precision}-"
-            f"{self.preprocessing_id()}"
+        return self.backbone.token_cache_key(
+            self.recipe.backbone.precision, self.preprocessing_id()
         )
 
     def image_representation(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -375,7 +372,7 @@ class SprcFinetune(TripletTrainingTask):
     # -- the loss ---------------------------------------------------------------------------------
 
     def compute_loss(self, batch):
-        from cir_cli.engine.distributed import gather_with_grad
+        from cir_cli.engine.common import global_batch
 
         model: Sprc = self.model
         backbone = model.backbone
@@ -392,13 +389,7 @@ class SprcFinetune(TripletTrainingTask):
         queries = model.compose(prompt, ids, mask)  # pass 2, (B, E)
         targets = model.target_features(target)  # (B, Nq, E)
 
-        all_targets = gather_with_grad(targets)
-        offset = 0
-        if all_targets.shape[0] != targets.shape[0]:
-            import torch.distributed as dist
-
-            offset = dist.get_rank() * targets.shape[0]
-        labels = torch.arange(queries.shape[0], device=queries.device) + offset
+        all_targets, labels = global_batch(targets)
 
         def contrastive(q: torch.Tensor) -> torch.Tensor:
             # One direction (query -> target), max over the target's query tokens (spec 1.3.6).

@@ -10,13 +10,28 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from cir_cli.modules.cala_heads import Artemis, HingeCrossAttention, TwinAttentionCompositor
     from cir_cli.modules.combiner import Combiner, CombinerParts
     from cir_cli.modules.phi import Phi
 
-__all__ = ["Combiner", "CombinerParts", "Phi"]
+__all__ = [
+    "Artemis",
+    "Combiner",
+    "CombinerParts",
+    "HingeCrossAttention",
+    "Phi",
+    "TwinAttentionCompositor",
+]
 
 # Public name -> submodule that defines it.
-_LAZY = {"Combiner": "combiner", "CombinerParts": "combiner", "Phi": "phi"}
+_LAZY = {
+    "Artemis": "cala_heads",
+    "Combiner": "combiner",
+    "CombinerParts": "combiner",
+    "HingeCrossAttention": "cala_heads",
+    "Phi": "phi",
+    "TwinAttentionCompositor": "cala_heads",
+}
 
 
 def __getattr__(name: str) -> Any:
