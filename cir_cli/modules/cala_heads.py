@@ -131,6 +131,10 @@ class AttentionMechanism(nn.Module):
         return self.attention(x)
 
 
+def _at_least_fp32(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
+
+
 class _L2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1)
@@ -154,7 +158,7 @@ class Artemis(nn.Module):
     def query_features(self, reference: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """(B, d) raw reference and text features -> (B, 4, d) factored query."""
         with torch.autocast(device_type=reference.device.type, enabled=False):
-            reference, text = reference.float(), text.float()
+            reference, text = _at_least_fp32(reference, text)
             a_em = self.Attention_EM(text)
             a_is = self.Attention_IS(text)
             tr_m = self.Transform_m(text)
@@ -165,7 +169,7 @@ class Artemis(nn.Module):
     def score(queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(Q, 4, d) factored queries x (N, d) targets -> (Q, N) EM + IS scores (fp32)."""
         with torch.autocast(device_type=queries.device.type, enabled=False):
-            queries, targets = queries.float(), targets.float()
+            queries, targets = _at_least_fp32(queries, targets)
             t2 = targets.square().T
             em = (queries[:, 0] @ targets.T) / (queries[:, 1] @ t2).sqrt().clamp_min(1e-12)
             is_ = (queries[:, 2] @ targets.T) / (queries[:, 3] @ t2).sqrt().clamp_min(1e-12)
