@@ -486,3 +486,11 @@ def test_toy_finetune_checkpoint_validate(toy_root: Path, tmp_path: Path, extra)
     validation = run_validation(recipe, checkpoint=str(run.run_dir))
     for key in ("recall_at1", "recall_at5", "mean_r5_rs1"):
         assert validation.metrics[key] == pytest.approx(run.best[key])
+    if not extra:
+        from cir_cli.workflows import run_submission
+
+        paths = run_submission(recipe, "cirr", checkpoint=str(run.run_dir))
+        assert sorted(p.name.split("_submission")[0] for p in paths) == [
+            "recall",
+            "recall_subset",
+        ]
