@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from PIL import Image
 
     from cir_cli.data.base import CIRSplit
@@ -129,8 +131,31 @@ class CIRMethod(nn.Module):
     # -- checkpoints -----------------------------------------------------------------------
 
     def load_checkpoint(self, path: str) -> None:
-        """Load trained weights (our format or the method's published layouts)."""
-        raise NotImplementedError(f"{self.name} cannot load checkpoints yet")
+        """Load trained weights: our checkpoints (a run dir, a checkpoint dir or the
+        .safetensors of the trained tensors) or a file in the method's published layout."""
+        from cir_cli.checkpoints import is_safetensors, load_weights
+        from cir_cli.engine.checkpointing import resolve_weights_file
+        from cir_cli.engine.common import load_named_state
+
+        file = resolve_weights_file(path)
+        if not is_safetensors(file):
+            self.import_published(file)
+            return
+        state, meta = load_weights(file)
+        base = meta.get("base_checkpoint")
+        if base:  # a stage-II checkpoint names the stage-I weights it was trained on
+            self.load_checkpoint(base)
+        self.prepare_for_state(state, str(file))
+        load_named_state(self, state, str(file))
+
+    def prepare_for_state(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """Create the optional modules a checkpoint holds weights for (a Combiner, an EMA)."""
+
+    def import_published(self, file: Path) -> None:
+        """Load a file in the method's published (original code's) layout."""
+        from cir_cli.errors import CirError
+
+        raise CirError(f"{file}: {self.name} reads only its own .safetensors checkpoints")
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name}
@@ -143,8 +168,33 @@ class FusedFeatureMethod(CIRMethod):
     query is `compose(raw reference, raw text)` (the sum or the method's Combiner).
     """
 
+    combiner: nn.Module | None
+    backbone: Any
+
     def compose(self, reference: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def prepare_for_state(self, state: dict[str, torch.Tensor], source: str) -> None:
+        if any(k.startswith("combiner.") for k in state) and self.combiner is None:
+            self.add_combiner_for(state, source)
+
+    def add_combiner_for(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """A Combiner sized from the `combiner.*` tensors of `state` (eval mode)."""
+        from cir_cli.errors import CirError
+        from cir_cli.modules import Combiner
+        from cir_cli.modules.combiner import infer_combiner_dims
+
+        sub = {
+            k.removeprefix("combiner."): v for k, v in state.items() if k.startswith("combiner.")
+        }
+        d, p, h = infer_combiner_dims(sub, source)
+        if d != self.backbone.feature_dim:
+            raise CirError(
+                f"{source}: Combiner for {d}-d features, but this backbone gives "
+                f"{self.backbone.feature_dim}-d features"
+            )
+        self.combiner = Combiner(d, p, h, dropout=self.recipe.combiner.dropout).to(self.device)
+        self.combiner.eval()
 
     def image_representation(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.encode_images(pixels).float()

@@ -37,6 +37,8 @@ from cir_cli.methods.base import FusedFeatureMethod, state_fingerprint
 from cir_cli.methods.prompts import DIRECTION_TOKENS, directed_text
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from cir_cli.data.base import CIRSplit, Triplet
     from cir_cli.modules.combiner import Combiner
     from cir_cli.recipes import Recipe
@@ -225,10 +227,8 @@ class Blip4Cir(FusedFeatureMethod):
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def load_checkpoint(self, path: str) -> None:
-        """Our checkpoints (run dir, checkpoint dir, .safetensors) or the published .pt files.
-
-        Published layouts (spec 7), loaded strictly with weights_only=True:
+    def import_published(self, file: Path) -> None:
+        """The published .pt files (spec 7), loaded strictly with weights_only=True:
         `tuned_blip_{best,mean}.pt` = `{'epoch', 'BLIPTextEncoder': text_encoder.* + text_proj.*
         [, 'optimizer_state_dict']}` and `combiner{,_mean}.pt` = `{'epoch', 'Combiner': ...}`;
         only `optimizer_state_dict` and `position_ids` are ignored. BLIP's `model_base.pth`
@@ -236,24 +236,10 @@ class Blip4Cir(FusedFeatureMethod):
         """
         from cir_cli.checkpoints import (
             extract_state_dict,
-            is_safetensors,
             load_state_dict_strict,
             load_torch_checkpoint,
-            load_weights,
         )
-        from cir_cli.engine.checkpointing import resolve_weights_file
-        from cir_cli.engine.common import load_named_state
 
-        file = resolve_weights_file(path)
-        if is_safetensors(file):
-            state, meta = load_weights(file)
-            base = meta.get("base_checkpoint")
-            if base:
-                self.load_checkpoint(base)
-            if any(k.startswith("combiner.") for k in state) and self.combiner is None:
-                self._add_combiner_for(state, str(file))
-            load_named_state(self, state, str(file))
-            return
         ckpt = load_torch_checkpoint(file)
         if "BLIPTextEncoder" in ckpt:
             state = extract_state_dict(ckpt, "BLIPTextEncoder", file)
@@ -273,7 +259,7 @@ class Blip4Cir(FusedFeatureMethod):
         elif "Combiner" in ckpt:
             state = extract_state_dict(ckpt, "Combiner", file)
             if self.combiner is None:
-                self._add_combiner_for({f"combiner.{k}": v for k, v in state.items()}, str(file))
+                self.add_combiner_for({f"combiner.{k}": v for k, v in state.items()}, str(file))
             load_state_dict_strict(self.combiner, state, str(file))
         elif "model" in ckpt:
             self.backbone.load_blip_checkpoint(file)
@@ -282,22 +268,6 @@ class Blip4Cir(FusedFeatureMethod):
                 f"{file}: not a BLIP4CIR checkpoint (expected a 'BLIPTextEncoder', 'Combiner' or "
                 f"'model' entry; found {sorted(map(str, ckpt))[:8]})"
             )
-
-    def _add_combiner_for(self, state: dict, source: str) -> None:
-        from cir_cli.modules import Combiner
-        from cir_cli.modules.combiner import infer_combiner_dims
-
-        sub = {
-            k.removeprefix("combiner."): v for k, v in state.items() if k.startswith("combiner.")
-        }
-        d, p, h = infer_combiner_dims(sub, source)
-        if d != self.backbone.feature_dim:
-            raise CirError(
-                f"{source}: Combiner for {d}-d features, but this BLIP backbone gives "
-                f"{self.backbone.feature_dim}-d features"
-            )
-        self.combiner = Combiner(d, p, h, dropout=self.recipe.combiner.dropout).to(self.device)
-        self.combiner.eval()
 
     # -- training ----------------------------------------------------------------------------
 

@@ -256,19 +256,13 @@ class Cala(CIRMethod):
     def load_checkpoint(self, path: str) -> None:
         """Our checkpoints (run / checkpoint dir, .safetensors of the trained tensors), or
         CaLa's saved files: its `saved_models/` folder, or one of its `.pt` files."""
-        from cir_cli.checkpoints import is_safetensors, load_weights
-        from cir_cli.engine.checkpointing import resolve_weights_file
-        from cir_cli.engine.common import load_named_state
+        folder = Path(path).expanduser()
+        if folder.is_dir() and any(folder.glob("tuned_*.pt")):
+            self.import_cala_folder(folder)
+        else:
+            super().load_checkpoint(path)
 
-        p = Path(path).expanduser()
-        if p.is_dir() and any(p.glob("tuned_*.pt")):
-            self.import_cala_folder(p)
-            return
-        file = resolve_weights_file(path)
-        if is_safetensors(file):
-            state, _ = load_weights(file)
-            load_named_state(self, state, str(file))
-            return
+    def import_published(self, file: Path) -> None:
         self.import_cala_file(file)
 
     def import_cala_folder(self, folder: Path) -> None:

@@ -17,6 +17,8 @@ from cir_cli.engine.tasks import CombinerStage, TripletTrainingTask
 from cir_cli.methods.base import FusedFeatureMethod, state_fingerprint
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from cir_cli.recipes import Recipe
 
 
@@ -89,39 +91,25 @@ class Clip4Cir(FusedFeatureMethod):
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def load_checkpoint(self, path: str) -> None:
-        """Load our checkpoints (run/checkpoint dir, .safetensors) or the seeds' .pt files.
-
-        Seeds' layouts (spec 7): `{'epoch', 'CLIP': state_dict}` (fine-tuned CLIP, loaded
-        strictly into the backbone) and `{'epoch', 'Combiner': state_dict}`. Our combiner
-        checkpoints name the stage-I checkpoint they were trained on; it is loaded first.
-        """
-        from cir_cli.checkpoints import is_safetensors, load_torch_checkpoint, load_weights
-        from cir_cli.engine.checkpointing import resolve_weights_file
-        from cir_cli.engine.common import load_named_state
+    def import_published(self, file: Path) -> None:
+        """The seeds' layouts (spec 7): `{'epoch', 'CLIP': state_dict}` (fine-tuned CLIP, loaded
+        strictly into the backbone) and `{'epoch', 'Combiner': state_dict}`. Our own
+        checkpoints load through `CIRMethod.load_checkpoint`; a Combiner checkpoint of ours
+        names the stage-I checkpoint it was trained on, which is loaded first."""
+        from cir_cli.checkpoints import (
+            extract_state_dict,
+            load_state_dict_strict,
+            load_torch_checkpoint,
+        )
         from cir_cli.errors import CirError
 
-        file = resolve_weights_file(path)
-        if is_safetensors(file):
-            state, meta = load_weights(file)
-            base = meta.get("base_checkpoint")
-            if base:
-                self.load_checkpoint(base)
-            if any(k.startswith("combiner.") for k in state) and self.combiner is None:
-                self._add_combiner_for(state, str(file))
-            load_named_state(self, state, str(file))
-            return
         ckpt = load_torch_checkpoint(file)
         if "Combiner" in ckpt:
-            from cir_cli.checkpoints import extract_state_dict, load_state_dict_strict
-
             state = extract_state_dict(ckpt, "Combiner", file)
             if self.combiner is None:
-                self._add_combiner_for({f"combiner.{k}": v for k, v in state.items()}, str(file))
+                self.add_combiner_for({f"combiner.{k}": v for k, v in state.items()}, str(file))
             load_state_dict_strict(self.combiner, state, str(file))
         elif "CLIP" in ckpt:
-            from cir_cli.checkpoints import extract_state_dict, load_state_dict_strict
-
             state = extract_state_dict(ckpt, "CLIP", file)
             for extra in ("input_resolution", "context_length", "vocab_size"):
                 state.pop(extra, None)
@@ -131,17 +119,6 @@ class Clip4Cir(FusedFeatureMethod):
                 f"{file}: not a CLIP4Cir checkpoint (expected a 'CLIP' or 'Combiner' entry; "
                 f"found {sorted(ckpt)[:8]})"
             )
-
-    def _add_combiner_for(self, state: dict, source: str) -> None:
-        from cir_cli.modules import Combiner
-        from cir_cli.modules.combiner import infer_combiner_dims
-
-        sub = {
-            k.removeprefix("combiner."): v for k, v in state.items() if k.startswith("combiner.")
-        }
-        d, p, h = infer_combiner_dims(sub, source)
-        self.combiner = Combiner(d, p, h, dropout=self.recipe.combiner.dropout).to(self.device)
-        self.combiner.eval()
 
     # -- training ------------------------------------------------------------------------------
 

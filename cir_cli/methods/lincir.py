@@ -191,21 +191,15 @@ class LinCir(CIRMethod):
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def load_checkpoint(self, path: str) -> None:
-        """Our run checkpoints (`phi.*`, `phi_ema.*`) or a published `{'epoch', 'Phi'}` .pt."""
-        from cir_cli.checkpoints import is_safetensors, load_weights
-        from cir_cli.engine.checkpointing import resolve_weights_file
-        from cir_cli.engine.common import load_named_state
+    def prepare_for_state(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """Our run checkpoints hold `phi.*` and, when trained with an EMA, `phi_ema.*`."""
+        if not any(k.startswith("phi.") for k in state):
+            raise CirError(f"{source}: not a LinCIR checkpoint (no phi.* weights)")
+        if any(k.startswith("phi_ema.") for k in state):
+            self.add_ema().to(self.device)
 
-        file = resolve_weights_file(path)
-        if is_safetensors(file):
-            state, _ = load_weights(file)
-            if not any(k.startswith("phi.") for k in state):
-                raise CirError(f"{file}: not a LinCIR checkpoint (no phi.* weights)")
-            if any(k.startswith("phi_ema.") for k in state):
-                self.add_ema().to(self.device)
-            load_named_state(self, state, str(file))
-            return
+    def import_published(self, file: Path) -> None:
+        """A published `{'epoch', 'Phi'}` .pt (LinCIR's `lincir_large.pt`, SEARLE's files)."""
         published = Phi.from_checkpoint(file)
         own = (self.phi.input_dim, self.phi.output_dim)
         if (published.input_dim, published.output_dim) != own:

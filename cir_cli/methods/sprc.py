@@ -38,6 +38,8 @@ from cir_cli.methods.base import CIRMethod
 from cir_cli.ranking import max_over_tokens_score
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from cir_cli.recipes import Recipe
 
 # SPRC's checkpoint entry (spec 2.5): {"epoch": int, "Blip2QformerCirAlignPrompt": state_dict}.
@@ -202,28 +204,16 @@ class Sprc(CIRMethod):
 
     # -- checkpoints -----------------------------------------------------------------------------
 
-    def load_checkpoint(self, path: str) -> None:
-        """Our checkpoints (run / checkpoint dir, .safetensors of the trained weights) or SPRC's
-        published files (`sprc_cirr.pt`, `sprc_fiq.pt`: {"epoch", SPRC_CHECKPOINT_KEY: sd};
-        also accepted: {"model": sd} or a bare state dict, with or without `module.`).
+    def import_published(self, file: Path) -> None:
+        """SPRC's published files (`sprc_cirr.pt`, `sprc_fiq.pt`: {"epoch",
+        SPRC_CHECKPOINT_KEY: sd}; also accepted: {"model": sd} or a bare state dict, with or
+        without `module.`). Our own checkpoints load through `CIRMethod.load_checkpoint`.
 
         Published files are converted with the spec's key map and loaded strictly; the only
         tolerated differences are printed (LM head, position_ids buffer; the ViT if absent).
         """
-        from cir_cli.checkpoints import (
-            extract_state_dict,
-            is_safetensors,
-            load_torch_checkpoint,
-            load_weights,
-        )
-        from cir_cli.engine.checkpointing import resolve_weights_file
-        from cir_cli.engine.common import load_named_state
+        from cir_cli.checkpoints import extract_state_dict, load_torch_checkpoint
 
-        file = resolve_weights_file(path)
-        if is_safetensors(file):
-            state, _ = load_weights(file)
-            load_named_state(self, state, str(file))
-            return
         ckpt = load_torch_checkpoint(file)
         key = next((k for k in (SPRC_CHECKPOINT_KEY, "model", "state_dict") if k in ckpt), None)
         if key is not None:
