@@ -84,7 +84,9 @@ class Blip4CirMethod(_Section):
     forward + reversed queries (weight 0 = the BLIP4CIR baseline without bi-directional loss)."""
 
     name: Literal["blip4cir"] = "blip4cir"
-    combining: Literal["sum", "combiner"] = "sum"
+    # As CLIP4Cir's: "auto" (the Combiner when a checkpoint brought one, else the sum), "sum",
+    # or "combiner" (trained Combiner weights required). Stage I always trains the sum.
+    combining: Literal["auto", "sum", "combiner"] = "auto"
     logit_scale: float = 100.0
     # Direction prompts: `compat` = the published " [FORWARD] " string transform (with its
     # split-on-"and" quirk; the published checkpoints need it), `token` = real added special

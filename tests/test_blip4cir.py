@@ -251,6 +251,13 @@ def test_published_combiner_layout_loads_strictly(tiny_model, tmp_path: Path) ->
     torch.testing.assert_close(
         tiny_model.compose(x, t), reference.combine_features(x, t), rtol=0, atol=0
     )
+    # method.combining: "sum" keeps the element-wise sum even with a Combiner loaded.
+    tiny_model.recipe.method.combining = "sum"
+    try:
+        torch.testing.assert_close(tiny_model.compose(x, t), F.normalize(x + t, dim=-1))
+        assert tiny_model.describe()["combining"] == "sum"
+    finally:
+        tiny_model.recipe.method.combining = "auto"
     state = reference.state_dict()
     state["dynamic_scalar.2.weight"] = state.pop("dynamic_scalar.3.weight")
     save_seed_checkpoint(path, "Combiner", state, epoch=9)

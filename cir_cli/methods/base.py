@@ -172,7 +172,33 @@ class FusedFeatureMethod(CIRMethod):
     backbone: Any
 
     def compose(self, reference: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Normalised query features from raw reference-image and text features, by
+        `method.combining`: the Combiner when one is loaded ("auto") or required ("combiner"),
+        else the element-wise sum."""
+        mode = self.recipe.method.combining
+        if mode == "combiner" and self.combiner is None:
+            from cir_cli.errors import CirError
+
+            raise CirError(
+                "method.combining = 'combiner' but no Combiner weights were loaded; pass "
+                "--checkpoint <stage-II run or combiner .pt> (or set method.combining = 'auto')"
+            )
+        if self.combining_in_use() == "combiner":
+            return self.combiner.combine_features(reference, text)
+        return torch.nn.functional.normalize(reference + text, dim=-1)
+
+    def combining_in_use(self) -> str:
+        sum_only = self.recipe.method.combining == "sum"
+        return "combiner" if self.combiner is not None and not sum_only else "sum"
+
+    def add_combiner(self) -> None:
+        """A fresh Combiner with the recipe's [combiner] sizes (stage II starts from it)."""
+        from cir_cli.modules import Combiner
+
+        cfg = self.recipe.combiner
+        self.combiner = Combiner(
+            self.backbone.feature_dim, cfg.projection_dim, cfg.hidden_dim, dropout=cfg.dropout
+        )
 
     def prepare_for_state(self, state: dict[str, torch.Tensor], source: str) -> None:
         if any(k.startswith("combiner.") for k in state) and self.combiner is None:

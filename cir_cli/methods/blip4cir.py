@@ -159,18 +159,9 @@ class Blip4Cir(FusedFeatureMethod):
                 f"data.image_size = {size} differs from the BLIP model's {self.backbone.image_size}"
                 " px; set backbone.image_size instead (the position grid is resized on loading)"
             )
+        # Created by stage II or by loading a checkpoint that holds Combiner weights.
         self.combiner = None
-        if recipe.method.combining == "combiner":
-            self.add_combiner()
         self.logit_scale = recipe.method.logit_scale
-
-    def add_combiner(self) -> None:
-        from cir_cli.modules import Combiner
-
-        cfg = self.recipe.combiner
-        self.combiner = Combiner(
-            self.backbone.feature_dim, cfg.projection_dim, cfg.hidden_dim, dropout=cfg.dropout
-        )
 
     @property
     def image_size(self) -> int:
@@ -212,15 +203,10 @@ class Blip4Cir(FusedFeatureMethod):
         weights = state_fingerprint(self.backbone.image_module())
         return f"blip-image-{self.backbone.arch}-{weights}-{self.preprocessing_id()}"
 
-    def compose(self, reference: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        if self.combiner is not None:
-            return self.combiner.combine_features(reference, text)
-        return F.normalize(reference + text, dim=-1)
-
     def describe(self) -> dict[str, Any]:
         return {
             "method": self.name,
-            "combining": "combiner" if self.combiner is not None else "sum",
+            "combining": self.combining_in_use(),
             "prompts": self.prompts,
             "backbone": self.backbone.source,
         }

@@ -35,14 +35,6 @@ class Clip4Cir(FusedFeatureMethod):
         # tower must not be served from the feature cache.
         self.image_tower_trainable = False
 
-    def add_combiner(self) -> None:
-        from cir_cli.modules import Combiner
-
-        cfg = self.recipe.combiner
-        self.combiner = Combiner(
-            self.backbone.feature_dim, cfg.projection_dim, cfg.hidden_dim, dropout=cfg.dropout
-        )
-
     @property
     def image_size(self) -> int:
         return self.recipe.data.image_size or self.backbone.image_size
@@ -66,26 +58,10 @@ class Clip4Cir(FusedFeatureMethod):
         weights = state_fingerprint(self.backbone.image_module())
         return f"clip-image-{self.backbone.arch}-{weights}-{self.preprocessing_id()}"
 
-    def compose(self, reference: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Normalised query features from raw reference-image and text features."""
-        mode = self.recipe.method.combining
-        if mode == "combiner" and self.combiner is None:
-            from cir_cli.errors import CirError
-
-            raise CirError(
-                "method.combining = 'combiner' but no Combiner weights were loaded; pass "
-                "--checkpoint <stage-II run or combiner .pt> (or set method.combining = 'auto')"
-            )
-        if self.combiner is not None and mode != "sum":
-            return self.combiner.combine_features(reference, text)
-        return F.normalize(reference + text, dim=-1)
-
     def describe(self) -> dict[str, Any]:
         return {
             "method": self.name,
-            "combining": "combiner"
-            if self.combiner is not None and self.recipe.method.combining != "sum"
-            else "sum",
+            "combining": self.combining_in_use(),
             "backbone": self.backbone.source,
         }
 
