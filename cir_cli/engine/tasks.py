@@ -106,6 +106,12 @@ class TripletTrainingTask:
         )
         return {n: i for i, n in enumerate(names)}, feats
 
+    def index_triplet_rows(self, rows: dict[str, int]) -> None:
+        """`ref_rows` / `tgt_rows`: each triplet's reference and target row in a feature table
+        whose row of image name n is rows[n]."""
+        self.ref_rows = torch.tensor([rows[t.reference] for t in self.split.triplets])
+        self.tgt_rows = torch.tensor([rows[t.target] for t in self.split.triplets])
+
     @torch.no_grad()
     def encode_texts_once(self, texts: list[str]) -> torch.Tensor:
         """Frozen text features of `texts` in eval mode (cached by the caller)."""
@@ -121,18 +127,33 @@ class TripletTrainingTask:
         return torch.cat(out)
 
 
-class CombinerStage:
-    """Mixin for stage-II tasks: only the Combiner trains (Adam), on in-memory cached features.
-
-    Mixed in before a TripletTrainingTask subclass that sets `self.cfg` (the [combiner]
-    section) and fills the cached feature tables its `gather` reads.
-    """
+class CachedRowsStage:
+    """Mixin for stages that train on cached per-image rows: batches are gathered in the main
+    process (no DataLoader). The default `gather` returns (reference rows, target rows,
+    training texts) from `self.features` indexed by `index_triplet_rows`."""
 
     def dataset(self):
         return None
 
     def collate(self, items):
         return items
+
+    def gather(self, indices: list[int]):
+        from cir_cli.engine.common import training_text
+
+        idx = torch.tensor(indices)
+        texts = [
+            training_text(self.split, self.policy, self.recipe.seed, self.epoch, i) for i in indices
+        ]
+        return self.features[self.ref_rows[idx]], self.features[self.tgt_rows[idx]], texts
+
+
+class CombinerStage(CachedRowsStage):
+    """Mixin for stage-II tasks: only the Combiner trains (Adam), on in-memory cached features.
+
+    Mixed in before a TripletTrainingTask subclass that sets `self.cfg` (the [combiner]
+    section) and fills the cached feature tables its `gather` reads.
+    """
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.model.combiner.parameters()), "lr": self.cfg.lr}]

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cir_cli.backbones import build_backbone
-from cir_cli.engine.tasks import CombinerStage, TripletTrainingTask
+from cir_cli.engine.tasks import CachedRowsStage, CombinerStage, TripletTrainingTask
 from cir_cli.errors import CirError
 from cir_cli.methods.base import FusedFeatureMethod, state_fingerprint
 from cir_cli.methods.prompts import DIRECTION_TOKENS, directed_text
@@ -298,7 +298,7 @@ class _DirectedTask(TripletTrainingTask):
         )
 
 
-class Blip4CirFinetune(_DirectedTask):
+class Blip4CirFinetune(CachedRowsStage, _DirectedTask):
     """Stage I (spec 3.3): the text tower + text_proj train on cached, frozen image features."""
 
     stage = "finetune"
@@ -316,16 +316,9 @@ class Blip4CirFinetune(_DirectedTask):
         # `combining`: an untrained Combiner must not pick the best stage-I checkpoint.
         model.combiner = None
         self.rows, self.features = self.train_image_features()
-        self.ref_rows = torch.tensor([self.rows[t.reference] for t in self.split.triplets])
-        self.tgt_rows = torch.tensor([self.rows[t.target] for t in self.split.triplets])
+        self.index_triplet_rows(self.rows)
         if self.cfg.grad_checkpointing:
             model.backbone.set_grad_checkpointing(True)
-
-    def dataset(self):
-        return None
-
-    def collate(self, items):
-        return items
 
     def gather(self, indices: list[int]):
         idx = torch.tensor(indices)
@@ -424,8 +417,7 @@ class Blip4CirCombinerTraining(CombinerStage, _DirectedTask):
             )
             for direction, rows in per_direction.items()
         }
-        self.ref_rows = torch.tensor([self.rows[t.reference] for t in self.split.triplets])
-        self.tgt_rows = torch.tensor([self.rows[t.target] for t in self.split.triplets])
+        self.index_triplet_rows(self.rows)
 
     def gather(self, indices: list[int]):
         idx = torch.tensor(indices)

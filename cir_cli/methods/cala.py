@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from cir_cli.backbones import build_backbone
-from cir_cli.engine.tasks import TripletTrainingTask
+from cir_cli.engine.tasks import CachedRowsStage, TripletTrainingTask
 from cir_cli.errors import CirError
 from cir_cli.methods.base import CIRMethod, state_fingerprint
 from cir_cli.modules.cala_heads import (
@@ -438,7 +438,7 @@ class Cala(CIRMethod):
         return CalaFinetune(self, device)
 
 
-class CalaFinetune(TripletTrainingTask):
+class CalaFinetune(CachedRowsStage, TripletTrainingTask):
     """CaLa training (spec 3.5-3.7) on cached frozen image features."""
 
     stage = "finetune"
@@ -464,28 +464,12 @@ class CalaFinetune(TripletTrainingTask):
             self.rows, self.features = self.train_image_features(
                 lazy=True, key=key, encode=self._clip_maps
             )
-        self.ref_rows = torch.tensor([self.rows[t.reference] for t in self.split.triplets])
-        self.tgt_rows = torch.tensor([self.rows[t.target] for t in self.split.triplets])
+        self.index_triplet_rows(self.rows)
 
     def _clip_maps(self, pixels: torch.Tensor) -> torch.Tensor:
         """[global (D) | layer-4 map (C * H * W, channel-major)] per image, one flat row."""
         features, feature_map = self.model.backbone.encode_image_with_map(pixels)
         return torch.cat([features.float(), feature_map.flatten(1).float()], dim=1)
-
-    def dataset(self):
-        return None
-
-    def collate(self, items):
-        return items
-
-    def gather(self, indices: list[int]):
-        from cir_cli.engine.common import training_text
-
-        idx = torch.tensor(indices)
-        texts = [
-            training_text(self.split, self.policy, self.recipe.seed, self.epoch, i) for i in indices
-        ]
-        return self.features[self.ref_rows[idx]], self.features[self.tgt_rows[idx]], texts
 
     # -- optimisation ----------------------------------------------------------------------------
 

@@ -252,8 +252,7 @@ class Clip4CirCombinerTraining(CombinerStage, TripletTrainingTask):
             [[text_row[vs[min(j, len(vs) - 1)]] for j in range(width)] for vs in variants]
         )
         self.text_feats = text_feats
-        self.ref_rows = torch.tensor([self.rows[t.reference] for t in self.split.triplets])
-        self.tgt_rows = torch.tensor([self.rows[t.target] for t in self.split.triplets])
+        self.index_triplet_rows(self.rows)
 
     def _text_fingerprint(self) -> str:
         from cir_cli.methods.base import state_fingerprint

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cir_cli.backbones import build_backbone
-from cir_cli.engine.tasks import TripletTrainingTask
+from cir_cli.engine.tasks import CachedRowsStage, TripletTrainingTask
 from cir_cli.errors import CirError
 from cir_cli.methods.base import CIRMethod
 from cir_cli.ranking import max_over_tokens_score
@@ -247,7 +247,7 @@ class Sprc(CIRMethod):
         return SprcFinetune(self, device)
 
 
-class SprcFinetune(TripletTrainingTask):
+class SprcFinetune(CachedRowsStage, TripletTrainingTask):
     """SPRC training (spec 1.3, 1.4, 1.7) on cached frozen-ViT tokens."""
 
     stage = "finetune"
@@ -270,23 +270,7 @@ class SprcFinetune(TripletTrainingTask):
             )
         # Frozen ViT tokens, computed once (the entries evaluation uses), read lazily.
         self.rows, self.features = self.train_image_features(lazy=True)
-        self.ref_rows = torch.tensor([self.rows[t.reference] for t in self.split.triplets])
-        self.tgt_rows = torch.tensor([self.rows[t.target] for t in self.split.triplets])
-
-    def dataset(self):
-        return None
-
-    def collate(self, items):
-        return items
-
-    def gather(self, indices: list[int]):
-        from cir_cli.engine.common import training_text
-
-        idx = torch.tensor(indices)
-        texts = [
-            training_text(self.split, self.policy, self.recipe.seed, self.epoch, i) for i in indices
-        ]
-        return self.features[self.ref_rows[idx]], self.features[self.tgt_rows[idx]], texts
+        self.index_triplet_rows(self.rows)
 
     # -- optimisation ----------------------------------------------------------------------------
 
