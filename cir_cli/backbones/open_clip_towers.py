@@ -46,6 +46,18 @@ def _read_local_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_clip_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strictly load an OpenAI / open_clip CLIP state dict (e.g. CLIP4Cir's and CaLa's
+    `{'CLIP': ...}` files) into an open_clip model."""
+    state = dict(state)
+    if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
+        state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+    # OpenAI files carry these three scalars; open_clip keeps them out of the state dict.
+    for extra in ("input_resolution", "context_length", "vocab_size"):
+        state.pop(extra, None)
+    load_state_dict_strict(model, state, source, ignore=["attn_mask"])
+
+
 class OpenClipBackbone(nn.Module):
     """An open_clip CLIP model with the backbone surface the methods use."""
 
@@ -69,13 +81,7 @@ class OpenClipBackbone(nn.Module):
             if not local.is_file():
                 raise CirError(f"backbone.pretrained: weights file not found: {local}")
             model = open_clip.create_model(config.arch, pretrained=None)
-            state = _read_local_weights(local)
-            if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
-                state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
-            # OpenAI files carry these three scalars; open_clip keeps them out of the state dict.
-            for extra in ("input_resolution", "context_length", "vocab_size"):
-                state.pop(extra, None)
-            load_state_dict_strict(model, state, str(local), ignore=["attn_mask"])
+            load_clip_state(model, _read_local_weights(local), str(local))
             source = str(local)
         elif pretrained:
             tags = open_clip.list_pretrained_tags_by_model(config.arch)

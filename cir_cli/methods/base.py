@@ -204,6 +204,15 @@ class FusedFeatureMethod(CIRMethod):
         if any(k.startswith("combiner.") for k in state) and self.combiner is None:
             self.add_combiner_for(state, source)
 
+    def import_combiner(self, ckpt: dict[str, Any], file: Path) -> None:
+        """A published `{'epoch', 'Combiner': state_dict}` file, strictly (sized from it)."""
+        from cir_cli.checkpoints import extract_state_dict, load_state_dict_strict
+
+        state = extract_state_dict(ckpt, "Combiner", file)
+        if self.combiner is None:
+            self.add_combiner_for({f"combiner.{k}": v for k, v in state.items()}, str(file))
+        load_state_dict_strict(self.combiner, state, str(file))
+
     def add_combiner_for(self, state: dict[str, torch.Tensor], source: str) -> None:
         """A Combiner sized from the `combiner.*` tensors of `state` (eval mode)."""
         from cir_cli.errors import CirError

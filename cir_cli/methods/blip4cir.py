@@ -243,10 +243,7 @@ class Blip4Cir(FusedFeatureMethod):
                 self.backbone.text_module(), state, str(file), ignore=["position_ids"]
             )
         elif "Combiner" in ckpt:
-            state = extract_state_dict(ckpt, "Combiner", file)
-            if self.combiner is None:
-                self.add_combiner_for({f"combiner.{k}": v for k, v in state.items()}, str(file))
-            load_state_dict_strict(self.combiner, state, str(file))
+            self.import_combiner(ckpt, file)
         elif "model" in ckpt:
             self.backbone.load_blip_checkpoint(file)
         else:

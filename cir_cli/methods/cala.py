@@ -303,14 +303,11 @@ class Cala(CIRMethod):
             self._import_qformer(extract_state_dict(ckpt, BLIP2_KEY, file), role.group(1), file)
             return
         if "CLIP" in ckpt:
-            from cir_cli.checkpoints import load_state_dict_strict
+            from cir_cli.backbones.open_clip_towers import load_clip_state
 
             if self.family != "open_clip":
                 raise CirError(f"{file}: a CLIP file, but backbone.name is {self.family!r}")
-            state = extract_state_dict(ckpt, "CLIP", file)
-            for extra in ("input_resolution", "context_length", "vocab_size"):
-                state.pop(extra, None)
-            load_state_dict_strict(self.backbone.model, state, str(file), ignore=["attn_mask"])
+            load_clip_state(self.backbone.model, extract_state_dict(ckpt, "CLIP", file), str(file))
             return
         key = next((k for k in HEAD_KEYS if k in ckpt), None)
         if key is None:

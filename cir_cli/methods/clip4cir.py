@@ -72,24 +72,16 @@ class Clip4Cir(FusedFeatureMethod):
         strictly into the backbone) and `{'epoch', 'Combiner': state_dict}`. Our own
         checkpoints load through `CIRMethod.load_checkpoint`; a Combiner checkpoint of ours
         names the stage-I checkpoint it was trained on, which is loaded first."""
-        from cir_cli.checkpoints import (
-            extract_state_dict,
-            load_state_dict_strict,
-            load_torch_checkpoint,
-        )
+        from cir_cli.checkpoints import extract_state_dict, load_torch_checkpoint
         from cir_cli.errors import CirError
 
         ckpt = load_torch_checkpoint(file)
         if "Combiner" in ckpt:
-            state = extract_state_dict(ckpt, "Combiner", file)
-            if self.combiner is None:
-                self.add_combiner_for({f"combiner.{k}": v for k, v in state.items()}, str(file))
-            load_state_dict_strict(self.combiner, state, str(file))
+            self.import_combiner(ckpt, file)
         elif "CLIP" in ckpt:
-            state = extract_state_dict(ckpt, "CLIP", file)
-            for extra in ("input_resolution", "context_length", "vocab_size"):
-                state.pop(extra, None)
-            load_state_dict_strict(self.backbone.model, state, str(file), ignore=["attn_mask"])
+            from cir_cli.backbones.open_clip_towers import load_clip_state
+
+            load_clip_state(self.backbone.model, extract_state_dict(ckpt, "CLIP", file), str(file))
         else:
             raise CirError(
                 f"{file}: not a CLIP4Cir checkpoint (expected a 'CLIP' or 'Combiner' entry; "
