@@ -57,67 +57,64 @@ def strip_module_prefix(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 # Vision towers
 
 
-def _eva_key(key: str) -> str | None:
-    """LAVIS eva_vit.py key (no `visual_encoder.` prefix) -> our EVA tower key, or None."""
-    fixed = {
-        "cls_token": "vision_model.embeddings.class_embedding",
-        "pos_embed": "vision_model.embeddings.position_embedding",
-        "patch_embed.proj.weight": "vision_model.embeddings.patch_embedding.weight",
-        "patch_embed.proj.bias": "vision_model.embeddings.patch_embedding.bias",
+def _weight_and_bias(pairs: dict[str, str]) -> dict[str, str]:
+    return {f"{src}.{p}": f"{dst}.{p}" for src, dst in pairs.items() for p in ("weight", "bias")}
+
+
+# LAVIS eva_vit.py keys (no `visual_encoder.` prefix) -> our EVA tower keys.
+_EVA_FIXED = {
+    "cls_token": "vision_model.embeddings.class_embedding",
+    "pos_embed": "vision_model.embeddings.position_embedding",
+    "patch_embed.proj.weight": "vision_model.embeddings.patch_embedding.weight",
+    "patch_embed.proj.bias": "vision_model.embeddings.patch_embedding.bias",
+}
+_EVA_BLOCK = {
+    "attn.qkv.weight": "self_attn.qkv.weight",
+    **_weight_and_bias(
+        {
+            "norm1": "layer_norm1",
+            "norm2": "layer_norm2",
+            "attn.proj": "self_attn.projection",
+            "mlp.fc1": "mlp.fc1",
+            "mlp.fc2": "mlp.fc2",
+        }
+    ),
+}
+# LAVIS clip_vit.py / OpenAI / open_clip visual keys -> our CLIP tower keys. The fused
+# `in_proj_*` tensors are split by `convert_vision_state`, not renamed here.
+_CLIP_FIXED = {
+    "conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+    "class_embedding": "vision_model.embeddings.class_embedding",
+    "positional_embedding": "vision_model.embeddings.position_embedding.weight",
+    "ln_pre.weight": "vision_model.pre_layrnorm.weight",
+    "ln_pre.bias": "vision_model.pre_layrnorm.bias",
+}
+_CLIP_BLOCK = _weight_and_bias(
+    {
+        "ln_1": "layer_norm1",
+        "ln_2": "layer_norm2",
+        "attn.out_proj": "self_attn.out_proj",
+        "mlp.c_fc": "mlp.fc1",
+        "mlp.c_proj": "mlp.fc2",
     }
+)
+
+
+def _tower_key(key: str, fixed: dict, blocks: str, per_block: dict) -> str | None:
+    """A vision-tower key -> ours via a table of fixed names and one of per-block names."""
     if key in fixed:
         return fixed[key]
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
-    if m is None:
-        return None
-    i, rest = m.groups()
-    sub = {
-        "norm1.weight": "layer_norm1.weight",
-        "norm1.bias": "layer_norm1.bias",
-        "norm2.weight": "layer_norm2.weight",
-        "norm2.bias": "layer_norm2.bias",
-        "attn.qkv.weight": "self_attn.qkv.weight",
-        "attn.proj.weight": "self_attn.projection.weight",
-        "attn.proj.bias": "self_attn.projection.bias",
-        "mlp.fc1.weight": "mlp.fc1.weight",
-        "mlp.fc1.bias": "mlp.fc1.bias",
-        "mlp.fc2.weight": "mlp.fc2.weight",
-        "mlp.fc2.bias": "mlp.fc2.bias",
-    }.get(rest)
-    return f"vision_model.encoder.layers.{i}.{sub}" if sub else None
+    m = re.fullmatch(rf"{blocks}\.(\d+)\.(.+)", key)
+    sub = per_block.get(m.group(2)) if m else None
+    return f"vision_model.encoder.layers.{m.group(1)}.{sub}" if sub else None
+
+
+def _eva_key(key: str) -> str | None:
+    return _tower_key(key, _EVA_FIXED, r"blocks", _EVA_BLOCK)
 
 
 def _clip_key(key: str) -> str | None:
-    """LAVIS clip_vit.py / OpenAI / open_clip visual key -> our CLIP tower key, or None.
-
-    The fused `in_proj_*` tensors are split by `convert_vision_state`, not renamed here.
-    """
-    fixed = {
-        "conv1.weight": "vision_model.embeddings.patch_embedding.weight",
-        "class_embedding": "vision_model.embeddings.class_embedding",
-        "positional_embedding": "vision_model.embeddings.position_embedding.weight",
-        "ln_pre.weight": "vision_model.pre_layrnorm.weight",
-        "ln_pre.bias": "vision_model.pre_layrnorm.bias",
-    }
-    if key in fixed:
-        return fixed[key]
-    m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", key)
-    if m is None:
-        return None
-    i, rest = m.groups()
-    sub = {
-        "ln_1.weight": "layer_norm1.weight",
-        "ln_1.bias": "layer_norm1.bias",
-        "ln_2.weight": "layer_norm2.weight",
-        "ln_2.bias": "layer_norm2.bias",
-        "attn.out_proj.weight": "self_attn.out_proj.weight",
-        "attn.out_proj.bias": "self_attn.out_proj.bias",
-        "mlp.c_fc.weight": "mlp.fc1.weight",
-        "mlp.c_fc.bias": "mlp.fc1.bias",
-        "mlp.c_proj.weight": "mlp.fc2.weight",
-        "mlp.c_proj.bias": "mlp.fc2.bias",
-    }.get(rest)
-    return f"vision_model.encoder.layers.{i}.{sub}" if sub else None
+    return _tower_key(key, _CLIP_FIXED, r"transformer\.resblocks", _CLIP_BLOCK)
 
 
 def _block_index(key: str) -> int | None:
