@@ -26,6 +26,11 @@ SELECTION_METRIC = {"fashioniq": "average_recall", "cirr": "mean_r5_rs1"}
 # Multi-ground-truth and per-query-candidate benchmarks (spec lincir_searle_circo.md 3.3, 3.4).
 SELECTION_METRIC.update({"circo": "map_at10", "genecis": "average_recall_at1"})
 # Recall@k of the single target over the whole gallery; GeneCIS only ranks within candidates.
+def selection_metric(recipe) -> str:
+    """The metric that picks the `best` checkpoint: eval.selection_metric or the dataset's."""
+    return recipe.eval.selection_metric or SELECTION_METRIC.get(recipe.data.dataset, "")
+
+
 RECALL_KS = {"cirr": metrics.CIRR_KS, "circo": metrics.CIRCO_KS, "genecis": ()}
 RANKING_DEPTH = 50  # what the CIRR/CIRCO servers take
 

@@ -272,6 +272,11 @@ class CombinerConfig(_Section):
 
 class EvalConfig(_Section):
     split: str = "val"
+    # The validation metric that picks the `best` checkpoint; None = the dataset's: CIRR
+    # mean_r5_rs1 ((R@5 + Rs@1)/2, what papers report), FashionIQ average_recall, CIRCO
+    # map_at10, GeneCIS average_recall_at1. SPRC's and CaLa's CIRR code selected by
+    # arithmetic_mean (the mean of the 7 recalls).
+    selection_metric: str | None = None
     batch_size: int = Field(32, ge=1)
     save_rankings: bool = False
     # Query chunk for ranking: bounds the (chunk x gallery) score matrix in memory.

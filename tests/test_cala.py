@@ -457,7 +457,8 @@ def test_cala_clip_files_load_strictly(tmp_path: Path) -> None:
 )
 def test_toy_finetune_checkpoint_validate(toy_root: Path, tmp_path: Path, extra) -> None:
     """`cir finetune` -> trained tensors only in the checkpoint -> `cir validate` gives the
-    numbers the run selected, reusing the cached frozen image features."""
+    numbers the run selected (by CaLa's CIRR choice, the mean of the 7 recalls), reusing the
+    cached frozen image features."""
     from cir_cli.checkpoints import load_weights
     from cir_cli.workflows import run_training, run_validation
 
@@ -468,6 +469,7 @@ def test_toy_finetune_checkpoint_validate(toy_root: Path, tmp_path: Path, extra)
         finetune__max_steps=4,
         finetune__batch_size=32,
         eval__batch_size=256,
+        eval__selection_metric="arithmetic_mean",
     )
     recipe_name = "cala_clip_cirr" if extra == CLIP_TINY else "toy_cala"
     if recipe_name == "cala_clip_cirr":
@@ -475,6 +477,8 @@ def test_toy_finetune_checkpoint_validate(toy_root: Path, tmp_path: Path, extra)
     recipe = load_recipe(recipe_name, sets + extra)
     run = run_training(recipe, "finetune")
     assert run.steps == 4 and [row["step"] for row in run.history] == [0, 4]
+    best = max(run.history, key=lambda row: row["arithmetic_mean"])
+    assert run.best["arithmetic_mean"] == best["arithmetic_mean"]
     weights, _ = load_weights(run.run_dir / "checkpoints" / "last" / "weights.safetensors")
     assert not any("vision_model" in k or k.startswith("backbone.model.visual") for k in weights)
     assert any(k.startswith("tac.") for k in weights) and any(k.startswith("hca.") for k in weights)
@@ -494,3 +498,12 @@ def test_toy_finetune_checkpoint_validate(toy_root: Path, tmp_path: Path, extra)
             "recall",
             "recall_subset",
         ]
+
+
+def test_unknown_selection_metric_is_one_clear_error(toy_root: Path, tmp_path: Path) -> None:
+    from cir_cli.workflows import run_training
+
+    sets = toy_overrides(toy_root, tmp_path / "runs", finetune__max_steps=1)
+    recipe = load_recipe("toy_cala", [*sets, 'eval.selection_metric="mean_recall"'])
+    with pytest.raises(CirError, match="'mean_recall' is not among the validation metrics: .*"):
+        run_training(recipe, "finetune")

@@ -9,7 +9,7 @@ import torch
 from cir_cli.api import default_cache, load_eval_splits
 from cir_cli.data import load_train_split
 from cir_cli.engine.common import train_caption_policy
-from cir_cli.evaluation import SELECTION_METRIC
+from cir_cli.evaluation import selection_metric
 from cir_cli.methods.base import CIRMethod
 
 
@@ -40,7 +40,7 @@ class TripletTrainingTask:
         self.val_splits = load_eval_splits(self.recipe, data.val_split)
         self.cache = default_cache(self.recipe)
         self.epoch = 0
-        self.selection_metric = SELECTION_METRIC[data.dataset]
+        self.selection_metric = selection_metric(self.recipe)
 
     def num_samples(self) -> int:
         return len(self.split.triplets)

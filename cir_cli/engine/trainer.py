@@ -268,6 +268,13 @@ class Trainer:
                 row["train_loss"] = train_loss
             if not self.dist.is_main:
                 return
+            if metrics and task.selection_metric not in metrics:
+                from cir_cli.errors import CirError
+
+                raise CirError(
+                    f"eval.selection_metric '{task.selection_metric}' is not among the "
+                    f"validation metrics: {', '.join(sorted(metrics))}"
+                )
             result.history.append(row)
             self.log.validation(row, task.selection_metric)
             value = metrics.get(task.selection_metric, -math.inf)

@@ -374,10 +374,10 @@ class LinCirFinetune:
 
     def _validation_data(self) -> tuple[list, str]:
         from cir_cli.api import load_eval_splits
-        from cir_cli.evaluation import SELECTION_METRIC
+        from cir_cli.evaluation import selection_metric
 
         data = self.recipe.data
-        metric = SELECTION_METRIC.get(data.dataset, "")
+        metric = selection_metric(self.recipe)
         if not Path(data.root).expanduser().exists():
             import warnings
 
