@@ -275,9 +275,7 @@ def test_param_groups_follow_the_spec_table(toy_root: Path, tmp_path: Path, enco
     lr = model.recipe.finetune.lr
     ids = [{id(p) for p in g["params"]} for g in groups]
     multimodal = {id(p) for p in model.multimodal_qformer.parameters()}
-    visual = {id(p) for p in model.backbone.qformer.parameters()} | {
-        id(model.backbone.query_tokens)
-    }
+    visual = {id(p) for p in model.backbone.query_path_parameters()}
     assert ids[0] == multimodal and groups[0]["scheduled"]
     text_ids = {id(p) for p in model.text_qformer.text_path_parameters()}
     assert ids[1] == text_ids and not groups[1]["scheduled"]
@@ -300,6 +298,16 @@ def test_param_groups_follow_the_spec_table(toy_root: Path, tmp_path: Path, enco
         assert group["lr"] == pytest.approx(want) and group["weight_decay"] == 0.05, name
     vit = {id(p) for p in model.backbone.vision_model.parameters()}
     assert not any(vit & g for g in ids)
+    # Every grouped tensor takes part in the loss's graph (DDP without find_unused_parameters
+    # needs it): the groups leave out what a role's path never reads.
+    from cir_cli.methods.cala import cala_loss
+
+    model.train()
+    reps = model.image_representation(torch.randn(6, 3, 64, 64))
+    loss, _ = cala_loss(model, model.training_features(reps[:3], reps[3:], ["red", "big", "a"]))
+    loss.backward()
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [names[id(p)] for g in groups for p in g["params"] if p.grad is None] == []
 
 
 def test_encoder_choices_are_checked() -> None:

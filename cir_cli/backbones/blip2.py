@@ -159,6 +159,10 @@ ARCHS: dict[str, dict[str, Any]] = {
 }
 
 
+# The text FFN of a Q-Former layer (`intermediate` / `output`, not `attention.output` or the
+# query FFN `*_query`): only text positions go through it.
+_TEXT_FFN = re.compile(r"layer\.\d+\.(intermediate|output)\.")
+
 _NO_HF_VITL = (
     "backbone.pretrained '{}': not a file, and transformers has BLIP-2 weights for ViT-g only; "
     "the ViT-L variant loads LAVIS files (blip2_pretrained_vitL.pth)"
@@ -307,6 +311,25 @@ class QFormerPaths:
     query_tokens: nn.Parameter
     num_query_tokens: int
 
+    def text_path_parameters(self) -> list[nn.Parameter]:
+        """What P-txt uses: the text embeddings and the Q-Former without cross-attention and
+        query FFN (the rest never receives a gradient from it)."""
+        modules = (self.embeddings, self.qformer)
+        prefixes = ("embeddings.", "qformer.")
+        return [
+            p
+            for prefix, module in zip(prefixes, modules, strict=True)
+            for name, p in module.named_parameters(prefix=prefix.rstrip("."))
+            if "crossattention" not in name and "_query" not in name
+        ]
+
+    def query_path_parameters(self) -> list[nn.Parameter]:
+        """What P-img uses: the query tokens and the Q-Former without the text FFN (no word or
+        position embeddings either)."""
+        return [self.query_tokens] + [
+            p for name, p in self.qformer.named_parameters() if not _TEXT_FFN.search(name)
+        ]
+
     def _qformer(
         self,
         embeds: torch.Tensor,
@@ -378,14 +401,6 @@ class QFormerCopy(QFormerPaths, nn.Module):
         self.embeddings = copy.deepcopy(backbone.embeddings)
         self.qformer = copy.deepcopy(backbone.qformer)
 
-    def text_path_parameters(self) -> list[nn.Parameter]:
-        """What P-txt uses: embeddings + self-attention and text-FFN layers (no cross-attention,
-        no query FFN, no query tokens); the rest never receives a gradient from it."""
-        return [
-            p
-            for name, p in self.named_parameters()
-            if name != "query_tokens" and "crossattention" not in name and "_query" not in name
-        ]
 
 
 # --------------------------------------------------------------------------------------------

@@ -480,10 +480,7 @@ class CalaFinetune(CachedRowsStage, TripletTrainingTask):
             encoders = [list(model.multimodal_qformer.parameters())]
             encoders.append(model.text_qformer.text_path_parameters())
             if mc.encoder == "both":
-                bb = model.backbone
-                encoders.append(
-                    [bb.query_tokens, *bb.embeddings.parameters(), *bb.qformer.parameters()]
-                )
+                encoders.append(model.backbone.query_path_parameters())
         else:
             encoders = [model.backbone.text_parameters()]
         groups = [
