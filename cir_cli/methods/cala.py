@@ -99,26 +99,29 @@ class Cala(CIRMethod):
                 f"method cala needs backbone.name = 'blip2' or 'open_clip' (got {family!r})"
             )
         self.family = family
+        # Checked before building the backbone (a 1 B-parameter model for BLIP-2 ViT-L).
+        allowed = ("multi", "both") if family == "blip2" else ("text",)
+        if self.cfg.encoder not in allowed:
+            raise CirError(
+                f"method.encoder = {self.cfg.encoder!r}: "
+                + (
+                    "with BLIP-2 CaLa trains 'multi' (multimodal + textual Q-Formers) or 'both' "
+                    "(also the visual one)"
+                    if family == "blip2"
+                    else "with CLIP CaLa trains the text tower only ('text'); its visual "
+                    "tower is never stepped"
+                )
+            )
         self.backbone = build_backbone(recipe.backbone)
         map_channels = None
         if family == "blip2":
             from cir_cli.backbones.blip2 import QFormerCopy
 
-            if self.cfg.encoder not in ("multi", "both"):
-                raise CirError(
-                    f"method.encoder = {self.cfg.encoder!r}: with BLIP-2 CaLa trains 'multi' "
-                    "(multimodal + textual Q-Formers) or 'both' (also the visual one)"
-                )
             dim = self.backbone.hidden_size
             # Separately trained roles (spec 3.6); the visual role is the backbone's Q-Former.
             self.text_qformer = QFormerCopy(self.backbone)
             self.multimodal_qformer = QFormerCopy(self.backbone)
         else:
-            if self.cfg.encoder != "text":
-                raise CirError(
-                    f"method.encoder = {self.cfg.encoder!r}: with CLIP CaLa trains the text "
-                    "tower only ('text'); its visual tower is never stepped"
-                )
             dim = self.backbone.feature_dim
             width = int(self.backbone.model.ln_final.normalized_shape[0])
             if width != dim:
@@ -131,7 +134,6 @@ class Cala(CIRMethod):
         self.tac = TwinAttentionCompositor(dim, map_channels)
         self.hca = HingeCrossAttention(dim, map_channels)
         self.artemis = Artemis(dim) if self.cfg.frame == "artemis" else None
-        self.image_tower_trainable = False
 
     # -- preprocessing & representation ----------------------------------------------------
 
