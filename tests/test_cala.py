@@ -515,3 +515,29 @@ def test_unknown_selection_metric_is_one_clear_error(toy_root: Path, tmp_path: P
     recipe = load_recipe("toy_cala", [*sets, 'eval.selection_metric="mean_recall"'])
     with pytest.raises(CirError, match="'mean_recall' is not among the validation metrics: .*"):
         run_training(recipe, "finetune")
+
+
+def test_training_is_the_same_with_a_cold_or_a_warm_feature_cache(
+    toy_root: Path, tmp_path: Path
+) -> None:
+    """HCA's dropout draws from the seeded RNG; encoding images (cold cache: DataLoader seeds
+    drawn) or not (warm) before and during training must not change a single weight."""
+    from cir_cli.checkpoints import load_weights
+    from cir_cli.workflows import run_training
+
+    sets = toy_overrides(
+        toy_root,
+        tmp_path / "runs",
+        finetune__epochs=1,
+        finetune__max_steps=3,
+        finetune__batch_size=32,
+        eval__batch_size=256,
+        data__num_workers=1,
+    )
+    recipe = load_recipe("toy_cala", sets)
+    runs = [run_training(recipe, "finetune") for _ in range(2)]  # cold, then warm cache
+    weights = [
+        load_weights(r.run_dir / "checkpoints" / "last" / "weights.safetensors")[0] for r in runs
+    ]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

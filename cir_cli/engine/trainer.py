@@ -128,6 +128,12 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def _set_rng_state(state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
@@ -262,7 +268,11 @@ class Trainer:
 
         def validate_and_save(epoch_done: int, train_loss: float | None) -> None:
             nonlocal best_value
+            # Validation leaves the RNG streams as it found them: whether it had to encode
+            # images (a cold feature cache draws DataLoader seeds) must not change training.
+            rng = _rng_state()
             metrics = task.evaluate() if self.dist.is_main else {}
+            _set_rng_state(rng)
             row = {"epoch": epoch_done, "step": step, **metrics}
             if train_loss is not None:
                 row["train_loss"] = train_loss
@@ -292,7 +302,13 @@ class Trainer:
                 result.best = row
                 save_run_checkpoint(self.run_dir, "best", task.trainable_state(), meta)
 
-        if step == 0 and batch_in_epoch == 0 and epoch == 0 and s.validate_before:
+        fresh = step == 0 and batch_in_epoch == 0 and epoch == 0
+        if fresh:
+            # Seeded here, not only before the task was built: building it may have encoded
+            # images (cold cache) or not (warm), and training (dropout, random tokens) must
+            # draw the same numbers either way.
+            _seed_all(s.seed)
+        if fresh and s.validate_before:
             validate_and_save(0, None)
 
         steps_this_process = 0
