@@ -541,3 +541,35 @@ def test_training_is_the_same_with_a_cold_or_a_warm_feature_cache(
     ]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_toy_fashioniq_layout_trains_with_random_caption_joins(tmp_path: Path) -> None:
+    """The FashionIQ path: the 4 random caption joins in training, per-category metrics and the
+    average recall as selection metric (cala_blip2_fiq's settings on the toy FashionIQ layout)."""
+    import json
+
+    from cir_cli.data.toy import generate_toy
+    from cir_cli.workflows import run_training
+
+    root = tmp_path / "toy_fiq"
+    generate_toy(root, fmt="fashioniq", n_train_triplets=120, n_val_queries=40, n_test_queries=8)
+    shapes = ["circle", "square", "triangle", "star"]
+    sets = toy_overrides(
+        root,
+        tmp_path / "runs",
+        finetune__epochs=1,
+        finetune__max_steps=2,
+        finetune__batch_size=16,
+        eval__batch_size=256,
+    ) + [
+        'data.dataset="fashioniq"',
+        f"data.categories={json.dumps(shapes)}",
+        'data.test_split="test"',
+    ]
+    recipe = load_recipe("toy_cala", sets)
+    task = _build("toy_cala", sets).finetune_task(torch.device("cpu"))
+    assert task.policy == "fiq_random" and task.selection_metric == "average_recall"
+    run = run_training(recipe, "finetune")
+    assert run.steps == 2
+    assert {f"{s}_recall_at10" for s in shapes} <= set(run.best)
+    assert run.best["average_recall"] == max(r["average_recall"] for r in run.history)
