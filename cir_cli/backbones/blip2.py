@@ -314,14 +314,8 @@ class QFormerPaths:
     def text_path_parameters(self) -> list[nn.Parameter]:
         """What P-txt uses: the text embeddings and the Q-Former without cross-attention and
         query FFN (the rest never receives a gradient from it)."""
-        modules = (self.embeddings, self.qformer)
-        prefixes = ("embeddings.", "qformer.")
-        return [
-            p
-            for prefix, module in zip(prefixes, modules, strict=True)
-            for name, p in module.named_parameters(prefix=prefix.rstrip("."))
-            if "crossattention" not in name and "_query" not in name
-        ]
+        named = [*self.embeddings.named_parameters(), *self.qformer.named_parameters()]
+        return [p for name, p in named if "crossattention" not in name and "_query" not in name]
 
     def query_path_parameters(self) -> list[nn.Parameter]:
         """What P-img uses: the query tokens and the Q-Former without the text FFN (no word or
@@ -456,7 +450,6 @@ class Blip2Backbone(QFormerPaths, nn.Module):
         self.text_projection = nn.Linear(hidden, embed_dim)
         self.itm_head = nn.Linear(hidden, 2)
         self.temp = nn.Parameter(torch.tensor(0.07))
-        self._fingerprint: tuple[tuple, str] | None = None
 
     # -- construction --------------------------------------------------------------------------
 
@@ -541,7 +534,6 @@ class Blip2Backbone(QFormerPaths, nn.Module):
             ignore=["position_ids"],
         )
         self._vision_loaded = True
-        self._fingerprint = None
 
     def convert_lavis(
         self, state: dict[str, torch.Tensor], source: str, extra_keys: tuple[str, ...] = ()
@@ -569,7 +561,6 @@ class Blip2Backbone(QFormerPaths, nn.Module):
             notes.append("no vision tower in the file: ViT weights come from vision_pretrained")
         else:
             self._vision_loaded = True
-            self._fingerprint = None
         _report(source, converted.dropped, notes)
         load_state_dict_strict(self, state, source, ignore=["position_ids"])
 
@@ -595,13 +586,9 @@ class Blip2Backbone(QFormerPaths, nn.Module):
 
     def vision_fingerprint(self) -> str:
         """Content hash of the frozen ViT, memoised while its tensors are unchanged."""
-        from cir_cli.methods.base import state_fingerprint
+        from cir_cli.methods.base import memoised_fingerprint
 
-        params = list(self.vision_model.state_dict().values())
-        guard = tuple((t.data_ptr(), t._version, t.dtype) for t in params)
-        if self._fingerprint is None or self._fingerprint[0] != guard:
-            self._fingerprint = (guard, state_fingerprint(self.vision_model))
-        return self._fingerprint[1]
+        return memoised_fingerprint(self.vision_model)
 
     def token_cache_key(self, precision: str, preprocessing: str) -> str:
         """Cache key of `vision_tokens`: every BLIP-2 method (SPRC, CaLa) shares the entries."""

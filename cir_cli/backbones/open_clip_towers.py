@@ -188,6 +188,17 @@ class OpenClipBackbone(nn.Module):
         pos = self.model.visual.attnpool.positional_embedding
         return int(pos.shape[1]), int(pos.shape[0]) - 1
 
+    def image_fingerprint(self) -> str:
+        """Content hash of the image tower (memoised while its weights are unchanged)."""
+        from cir_cli.methods.base import memoised_fingerprint
+
+        return memoised_fingerprint(self.model.visual)
+
+    def image_cache_key(self, preprocessing: str) -> str:
+        """Cache key of the raw projected image features (`encode_image`): CLIP4Cir and CaLa
+        share the entries."""
+        return f"clip-image-{self.arch}-{self.image_fingerprint()}-{preprocessing}"
+
     def image_module(self) -> nn.Module:
         return self.model.visual
 

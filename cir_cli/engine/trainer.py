@@ -128,12 +128,6 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _set_rng_state(state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
@@ -307,7 +301,9 @@ class Trainer:
             # Seeded here, not only before the task was built: building it may have encoded
             # images (cold cache) or not (warm), and training (dropout, random tokens) must
             # draw the same numbers either way.
-            _seed_all(s.seed)
+            from cir_cli.api import seed_everything
+
+            seed_everything(s.seed)
         if fresh and s.validate_before:
             validate_and_save(0, None)
 

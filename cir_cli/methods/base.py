@@ -45,6 +45,19 @@ def state_fingerprint(*modules: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def memoised_fingerprint(module: nn.Module) -> str:
+    """`state_fingerprint(module)`, recomputed only when one of its tensors was replaced or
+    modified in place (storage pointer, version counter and dtype guard the memo), so cache
+    keys of large frozen towers are not re-hashed at every validation."""
+    tensors = list(module.state_dict().values())
+    guard = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+    memo = module.__dict__.get("_cir_fingerprint")
+    if memo is None or memo[0] != guard:
+        memo = (guard, state_fingerprint(module))
+        module.__dict__["_cir_fingerprint"] = memo
+    return memo[1]
+
+
 class CIRMethod(nn.Module):
     """Base class of all methods (see the module docstring for the contract)."""
 
@@ -60,7 +73,8 @@ class CIRMethod(nn.Module):
 
     @property
     def image_size(self) -> int:
-        raise NotImplementedError
+        """The recipe's data.image_size, or the backbone's own input resolution."""
+        return self.recipe.data.image_size or self.backbone.image_size
 
     def preprocessing_id(self) -> str:
         data = self.recipe.data

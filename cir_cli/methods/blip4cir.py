@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from cir_cli.backbones import build_backbone
 from cir_cli.engine.tasks import CachedRowsStage, CombinerStage, TripletTrainingTask
 from cir_cli.errors import CirError
-from cir_cli.methods.base import FusedFeatureMethod, state_fingerprint
+from cir_cli.methods.base import FusedFeatureMethod, memoised_fingerprint, state_fingerprint
 from cir_cli.methods.prompts import DIRECTION_TOKENS, directed_text
 
 if TYPE_CHECKING:
@@ -200,7 +200,7 @@ class Blip4Cir(FusedFeatureMethod):
 
     def image_cache_key(self) -> str | None:
         # The image tower never trains in BLIP4CIR: its features are always cacheable.
-        weights = state_fingerprint(self.backbone.image_module())
+        weights = memoised_fingerprint(self.backbone.image_module())
         return f"blip-image-{self.backbone.arch}-{weights}-{self.preprocessing_id()}"
 
     def describe(self) -> dict[str, Any]:

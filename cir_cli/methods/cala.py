@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from cir_cli.backbones import build_backbone
 from cir_cli.engine.tasks import CachedRowsStage, TripletTrainingTask
 from cir_cli.errors import CirError
-from cir_cli.methods.base import CIRMethod, state_fingerprint
+from cir_cli.methods.base import CIRMethod
 from cir_cli.modules.cala_heads import (
     Artemis,
     HingeCrossAttention,
@@ -138,10 +138,6 @@ class Cala(CIRMethod):
     # -- preprocessing & representation ----------------------------------------------------
 
     @property
-    def image_size(self) -> int:
-        return self.recipe.data.image_size or self.backbone.image_size
-
-    @property
     def representation_dtype(self) -> torch.dtype:
         # BLIP-2 ViT tokens are large (257 x 1024 per ViT-L image): fp16 unless fp32 is asked.
         if self.family == "blip2" and self.recipe.backbone.precision != "fp32":
@@ -154,8 +150,7 @@ class Cala(CIRMethod):
                 self.recipe.backbone.precision, self.preprocessing_id()
             )
         # The same entries as CLIP4Cir's frozen image features (raw projected globals).
-        weights = state_fingerprint(self.backbone.image_module())
-        return f"clip-image-{self.backbone.arch}-{weights}-{self.preprocessing_id()}"
+        return self.backbone.image_cache_key(self.preprocessing_id())
 
     def image_representation(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(self.device)
@@ -176,14 +171,15 @@ class Cala(CIRMethod):
         positions = torch.arange(ids.shape[1], device=ids.device)
         return ids, (positions[None, :] <= ids.argmax(-1)[:, None]).long()
 
-    def text_features(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(m (B, d), caption tokens C (B, L, d'), mask (B, L)) of the text encoder."""
-        ids, mask = self.tokenize(texts)
+    def text_features(
+        self, ids: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m (B, d), caption tokens C (B, L, d')) of the text encoder: the textual Q-Former's
+        CLS and outputs, or CLIP's text global and ln_final sequence."""
         if self.family == "blip2":
             caption = self.text_qformer.text_outputs(ids, mask)
-            return caption[:, 0], caption, mask
-        m, sequence = self.backbone.encode_text_with_sequence(ids)
-        return m, sequence, mask
+            return caption[:, 0], caption
+        return self.backbone.encode_text_with_sequence(ids)
 
     def reference_tokens(
         self, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
@@ -204,14 +200,13 @@ class Cala(CIRMethod):
         self, reference: torch.Tensor, texts: list[str]
     ) -> torch.Tensor:
         reference = reference.to(self.device)
+        ids, mask = self.tokenize(texts)
+        m = self.text_features(ids, mask)[0]
         if self.family == "blip2":
-            ids, mask = self.tokenize(texts)
             image = self.backbone.image_embeds(reference)
             r = self.reference_tokens(image, ids, mask)[:, 0]
-            m = self.text_qformer.text_outputs(ids, mask)[:, 0]
         else:
             r = reference.float()
-            m = self.text_features(texts)[0]
         return self.compose(r, m)
 
     def targets_from_representation(self, representation: torch.Tensor) -> torch.Tensor:
@@ -242,7 +237,7 @@ class Cala(CIRMethod):
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """Raw text features m (B, d): the textual Q-Former's CLS, or CLIP's text global."""
-        return self.text_features(texts)[0]
+        return self.text_features(*self.tokenize(texts))[0]
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -383,22 +378,18 @@ class Cala(CIRMethod):
         BLIP-2 rows are ViT tokens (B, T, Dv); CLIP rows are [global | layer-4 map] as the
         training cache stores them (`CalaFinetune`).
         """
-        model = self
         mc = self.cfg
         refs = refs.to(self.device, non_blocking=True)
         tgts = tgts.to(self.device, non_blocking=True)
-        out: dict[str, Any] = {}
-        if model.family == "blip2":
-            bb = model.backbone
-            ids, mask = model.tokenize(texts)
-            caption = model.text_qformer.text_outputs(ids, mask)
+        ids, mask = self.tokenize(texts)
+        m, caption = self.text_features(ids, mask)
+        out: dict[str, Any] = {"m": m, "caption": caption, "mask": mask}
+        if self.family == "blip2":
+            bb = self.backbone
             ref_image = bb.image_embeds(refs)
-            reference = model.reference_tokens(ref_image, ids, mask)
+            reference = self.reference_tokens(ref_image, ids, mask)
             target = bb.query_outputs(bb.image_embeds(tgts))
             out.update(
-                m=caption[:, 0],
-                caption=caption,
-                mask=mask,
                 r=reference[:, 0],
                 reference_tokens=reference,
                 t=F.normalize(target[:, 0], dim=-1),
@@ -409,19 +400,15 @@ class Cala(CIRMethod):
                 out["tac_reference"] = bb.query_outputs(ref_image)
                 out["tac_target"] = target
         else:
-            dim = model.dim
-            channels, positions = model.backbone.map_shape()
+            dim = self.dim
+            channels, positions = self.backbone.map_shape()
 
             def tokens(rows: torch.Tensor) -> torch.Tensor:
                 feature_map = rows[:, dim:].float().view(-1, channels, positions, 1)
                 return spatial_tokens(feature_map, compat=mc.compat_reshape)
 
-            m, sequence, mask = model.text_features(texts)
             ref_tokens, tgt_tokens = tokens(refs), tokens(tgts)
             out.update(
-                m=m,
-                caption=sequence,
-                mask=mask,
                 r=refs[:, :dim].float(),
                 reference_tokens=ref_tokens,
                 t=F.normalize(tgts[:, :dim].float(), dim=-1),
@@ -458,7 +445,7 @@ class CalaFinetune(CachedRowsStage, TripletTrainingTask):
             # Globals + layer-4 maps of the frozen CLIP visual tower, computed once (float32:
             # RN50x4 takes (640 + 2560 x 81) x 4 bytes = 0.83 MB per image, memory-mapped).
             backbone = model.backbone
-            weights = state_fingerprint(backbone.image_module())
+            weights = backbone.image_fingerprint()
             key = f"cala-clip-maps-{backbone.arch}-{weights}-{model.preprocessing_id()}"
             self.rows, self.features = self.train_image_features(
                 lazy=True, key=key, encode=self._clip_maps

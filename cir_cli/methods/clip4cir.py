@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from cir_cli.backbones import build_backbone
 from cir_cli.engine.tasks import CombinerStage, TripletTrainingTask
-from cir_cli.methods.base import FusedFeatureMethod, state_fingerprint
+from cir_cli.methods.base import FusedFeatureMethod
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -35,10 +35,6 @@ class Clip4Cir(FusedFeatureMethod):
         # tower must not be served from the feature cache.
         self.image_tower_trainable = False
 
-    @property
-    def image_size(self) -> int:
-        return self.recipe.data.image_size or self.backbone.image_size
-
     # -- towers ------------------------------------------------------------------------------
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -55,8 +51,7 @@ class Clip4Cir(FusedFeatureMethod):
     def image_cache_key(self) -> str | None:
         if self.image_tower_trainable:
             return None
-        weights = state_fingerprint(self.backbone.image_module())
-        return f"clip-image-{self.backbone.arch}-{weights}-{self.preprocessing_id()}"
+        return self.backbone.image_cache_key(self.preprocessing_id())
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -69,10 +69,6 @@ class LinCir(CIRMethod):
 
     # -- pieces ------------------------------------------------------------------------------
 
-    @property
-    def image_size(self) -> int:
-        return self.recipe.data.image_size or self.backbone.image_size
-
     def active_phi(self) -> Phi:
         """The Phi used for queries: the EMA copy when `method.use_ema` and one is loaded."""
         if self.cfg.use_ema and self.phi_ema is not None:

@@ -112,10 +112,6 @@ class Sprc(CIRMethod):
         self.prompt_tokens = nn.Parameter(torch.empty(1, nq, hidden).normal_(0.0, 0.02))
 
     @property
-    def image_size(self) -> int:
-        return self.recipe.data.image_size or self.backbone.image_size
-
-    @property
     def representation_dtype(self) -> torch.dtype:
         # The cached ViT tokens are large (257 x 1408 per ViT-g image): fp16 halves them. LAVIS
         # runs this tower in fp16 anyway; bf16 runs are stored as fp16 too (numpy has no bf16).
