@@ -167,9 +167,13 @@ def _contrastive_grads(rank: int, world: int, loss_fn):
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
+    # float64: DDP's gradient all-reduce sums in another order than one process does, and in
+    # float32 that reordering alone moved one element by 4e-5 (relative) on some CPUs. In
+    # float64 the same reordering costs ~1e-15, so a 1e-10 tolerance still catches any
+    # wrong gathering or scaling (those are off by whole factors).
     torch.manual_seed(0)
-    model = torch.nn.Linear(6, 5)
-    inputs = torch.randn(8, 2, 6)
+    model = torch.nn.Linear(6, 5).double()
+    inputs = torch.randn(8, 2, 6, dtype=torch.float64)
     per = 8 // world
     rows = inputs[rank * per : (rank + 1) * per]
 
@@ -204,4 +208,5 @@ def test_all_gathered_contrastive_loss_gives_the_single_process_gradient(tmp_pat
     for p in procs:
         p.join(timeout=60)
     for name, grad in expected.items():
-        torch.testing.assert_close(torch.tensor(got[name]), grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(torch.tensor(got[name], dtype=torch.float64), grad,
+                                   rtol=1e-10, atol=1e-12)
