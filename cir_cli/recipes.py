@@ -210,6 +210,11 @@ class DataConfig(_Section):
     test_split: str = "test1"
     transform: Literal["targetpad", "squarepad", "clip"] = "targetpad"
     target_ratio: float = Field(1.25, gt=0)
+    # When images become RGB, as the reference code does: "auto" = first for `clip`
+    # (CLIPImageProcessor, LinCIR), after the pad, resize and crop for the pad transforms
+    # (CLIP4Cir / BLIP4CIR / SPRC data_utils; CaLa's FashionIQ loader converts first: its
+    # recipes say "first"). fixes.convert_rgb_first overrides it with "first".
+    rgb_conversion: Literal["auto", "first", "after_crop"] = "auto"
     # None = the backbone's own input resolution (RN50x4: 288).
     image_size: int | None = Field(None, gt=0)
     # None = the dataset's training default: FashionIQ draws one of the 4 caption joins per
@@ -299,6 +304,32 @@ class OutputConfig(_Section):
     cache_dir: str | None = None
 
 
+# --------------------------------------------------------------------------------------------
+# Deliberate deviations from the reference code (README "Deviations from the reference code").
+# A recipe named after a paper reproduces its reference code's behaviour, quirks included; each
+# improvement is one switch here, default False (= the reference). `_fixed` recipes turn them on.
+
+
+class FixesConfig(_Section):
+    """[fixes]: every deliberate improvement over the reference code, off by default."""
+
+    # Images: convert to RGB before padding / resizing (black pad for palette, CMYK and RGBA
+    # images). The CLIP4Cir, BLIP4CIR, SPRC and CaLa (CIRR) data_utils convert after the crop.
+    convert_rgb_first: bool = False
+    # The `clip` transform: torchvision CenterCrop (rounds the offset half to even) instead of
+    # CLIPImageProcessor's floor((side - size) / 2), which LinCIR used.
+    torchvision_center_crop: bool = False
+    # AMP: bf16 where the GPU supports it (fp16 + GradScaler elsewhere) for stages whose recipe
+    # says fp16; the references all ran fp16 autocast with a GradScaler.
+    amp_auto: bool = False
+    # LinCIR EMA of Phi: warm-up decay (1 + n) / (10 + n) counted from n = 0 (first decay 1/10);
+    # LinCIR's EMAModel increments its counter first, so its first decay is 2/11.
+    ema_warmup_from_zero: bool = False
+    # The validation before the first step may become `best` (no reference selects from it:
+    # they validate only after training steps).
+    select_initial_validation: bool = False
+
+
 class Recipe(_Section):
     name: str = ""
     description: str = ""
@@ -312,6 +343,7 @@ class Recipe(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    fixes: FixesConfig = Field(default_factory=FixesConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

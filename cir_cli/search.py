@@ -360,10 +360,10 @@ class _FolderImages:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        from cir_cli.data.images import open_rgb
+        from cir_cli.data.images import open_image
 
         try:
-            return index, self.transform(open_rgb(self.paths[index])), ""
+            return index, self.transform(open_image(self.paths[index])), ""
         except CirError as exc:
             return index, None, str(exc)
         except Exception as exc:  # noqa: BLE001 - any transform failure means "skip this file"
@@ -855,7 +855,7 @@ def encode_queries(
     """Query features: `queries_from_representation(image_representation(pixels), texts)`."""
     import torch
 
-    from cir_cli.data.images import open_rgb
+    from cir_cli.data.images import open_image
     from cir_cli.progress import progress_bar
 
     check_query_images(queries)
@@ -869,7 +869,7 @@ def encode_queries(
     ):
         for start in range(0, len(queries), batch_size):
             batch = queries[start : start + batch_size]
-            pixels = torch.stack([model.preprocess(open_rgb(q.image)) for q in batch])
+            pixels = torch.stack([model.preprocess(open_image(q.image)) for q in batch])
             reps = model.image_representation(pixels.to(model.device))
             out.append(model.queries_from_representation(reps, [q.text for q in batch]))
             advance(len(batch))

@@ -1,4 +1,4 @@
-"""Preprocessing (spec section 2, RGB first) and the image-file Dataset's error handling."""
+"""Preprocessing (spec section 2) and the image-file Dataset's error handling."""
 
 from __future__ import annotations
 
@@ -87,15 +87,18 @@ def test_transform_kinds_differ_on_wide_images() -> None:
     assert torch.allclose(x[:, 0, 25], normalised((0, 0, 0)), atol=1e-5)
 
 
-def test_palette_and_rgba_pad_black_after_conversion() -> None:
-    # Palette entry 0 is red: the seeds' pad-before-convert would have filled with red.
+def test_palette_and_rgba_pad_black_when_converting_first() -> None:
+    # Palette entry 0 is red: the reference's pad-before-convert fills with red (the default,
+    # tests/test_reference_preprocessing.py); rgb="first" (fixes.convert_rgb_first) pads black.
     palette_image = Image.new("P", (100, 50), 1)
     palette_image.putpalette([255, 0, 0, 0, 255, 0] + [0] * (256 * 3 - 6))
     rgba = Image.new("RGBA", (100, 50), (0, 255, 0, 0))  # transparent green, alpha dropped
     for image in (palette_image, rgba):
-        x = build_transform("targetpad", 80)(image)
+        x = build_transform("targetpad", 80, rgb="first")(image)
         assert torch.allclose(x[:, 0, 40], normalised((0, 0, 0)), atol=1e-5), image.mode
         assert torch.allclose(x[:, 40, 40], normalised((0, 255, 0)), atol=1e-5), image.mode
+    x = build_transform("targetpad", 80)(palette_image)
+    assert torch.allclose(x[:, 0, 40], normalised((255, 0, 0)), atol=1e-5)
 
 
 def test_build_transform_errors() -> None:

@@ -49,6 +49,23 @@ def open_rgb(path: Path) -> Image.Image:
         raise ImageLoadError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
+def open_image(path: Path) -> Image.Image:
+    """Decode `path` fully in its own mode ('P', 'CMYK', 'RGBA', ...) and close the file.
+
+    The transforms convert to RGB where the reference code did (after the crop for the pad
+    transforms), so the mode must survive loading; ImageLoadError on failure.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            # copy() keeps mode and palette and detaches the pixels from the file.
+            return im.copy()
+    except FileNotFoundError:
+        raise ImageLoadError(f"image file {path} not found (run `cir prepare` to check)") from None
+    except Exception as e:  # noqa: BLE001 - any decoder error means this file is unusable
+        raise ImageLoadError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
 class ImageFiles(Dataset):
     """(name, path) pairs -> (index, transformed tensor), decoded in DataLoader workers.
 
@@ -81,4 +98,4 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, Any]:
         _, path = self.files[index]
-        return index, self.transform(open_rgb(path))
+        return index, self.transform(open_image(path))

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cir_cli.data.base import CIRSplit, caption_variants, query_text
-from cir_cli.data.images import open_rgb
+from cir_cli.data.images import open_image
 from cir_cli.engine.distributed import gather_with_grad
 
 
@@ -69,8 +69,8 @@ class TripletImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         t = self.split.triplets[index]
         paths = self.split.image_paths
-        ref = self.transform(open_rgb(paths[t.reference]))
-        tgt = self.transform(open_rgb(paths[t.target]))
+        ref = self.transform(open_image(paths[t.reference]))
+        tgt = self.transform(open_image(paths[t.target]))
         return ref, tgt, training_text(self.split, self.policy, self.seed, self.epoch, index)
 
 

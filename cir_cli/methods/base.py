@@ -76,9 +76,22 @@ class CIRMethod(nn.Module):
         """The recipe's data.image_size, or the backbone's own input resolution."""
         return self.recipe.data.image_size or self.backbone.image_size
 
+    def preprocessing_options(self) -> tuple[str, str]:
+        """(RGB conversion order, centre crop) of this recipe: the reference's for its transform
+        (`data.rgb_conversion`, "auto" = the transform's reference) unless a fix says otherwise."""
+        from cir_cli.data.transforms import resolve_crop, resolve_rgb_order
+
+        data, fixes = self.recipe.data, self.recipe.fixes
+        rgb = "first" if fixes.convert_rgb_first else data.rgb_conversion
+        crop = "torchvision" if fixes.torchvision_center_crop else "auto"
+        return resolve_rgb_order(data.transform, rgb), resolve_crop(data.transform, crop)
+
     def preprocessing_id(self) -> str:
         data = self.recipe.data
-        return f"{data.transform}-r{data.target_ratio}-s{self.image_size}"
+        rgb, crop = self.preprocessing_options()
+        order = "rgb1" if rgb == "first" else "rgb2"
+        crop_id = "fc" if crop == "floor" else "tc"
+        return f"{data.transform}-r{data.target_ratio}-s{self.image_size}-{order}-{crop_id}"
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> normalised pixel tensor (3, S, S), with the recipe's pad transform."""
@@ -90,7 +103,10 @@ class CIRMethod(nn.Module):
             from cir_cli.data.transforms import build_transform
 
             data = self.recipe.data
-            self._transform = build_transform(data.transform, self.image_size, data.target_ratio)
+            rgb, crop = self.preprocessing_options()
+            self._transform = build_transform(
+                data.transform, self.image_size, data.target_ratio, rgb=rgb, crop=crop
+            )
         return self._transform
 
     # -- the contract ------------------------------------------------------------------------
