@@ -158,8 +158,9 @@ class CalaMethod(_Section):
     # CaLa applies its (cosine) schedule to the multimodal Q-Former's group only; true
     # schedules every group.
     schedule_all_groups: bool = False
-    # Mask padded caption tokens out of HCA's text hinge (CaLa has no mask: false reproduces).
-    text_padding_mask: bool = True
+    # Mask padded caption tokens out of HCA's text hinge: an improvement (README deviations);
+    # CaLa has no mask, so false (the default) reproduces it.
+    text_padding_mask: bool = False
     # CLIP: CaLa's `.view(B, H*W, C)` of the (B, C, H, W) layer-4 map, which mixes channels and
     # positions; false (default) takes proper spatial tokens (flatten + transpose).
     compat_reshape: bool = False
@@ -250,6 +251,8 @@ class FinetuneConfig(_Section):
     # Validate every N optimizer steps instead of every `validate_every` epochs (0: off); for
     # step-based stages such as LinCIR's (epochs = 0 with max_steps).
     validate_every_steps: int = Field(0, ge=0)
+    # Also validate after these optimizer steps (LinCIR's train_phi.py validates at step 50 too).
+    validate_at_steps: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)
     grad_accum: int = Field(1, ge=1)
     amp: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     grad_checkpointing: bool = False

@@ -164,6 +164,12 @@ def _recipe_for_resume(recipe: Recipe | None, resume: str | None) -> Recipe:
     return validate_recipe(data, str(manifest))
 
 
+def stage_amp(recipe: Recipe, amp: str) -> str:
+    """A stage's AMP mode: the recipe's, except that `fixes.amp_auto` turns the references'
+    fp16 (autocast + GradScaler) into "auto" (bf16 where the GPU supports it)."""
+    return "auto" if recipe.fixes.amp_auto and amp == "fp16" else amp
+
+
 def run_training(
     recipe: Recipe | None,
     stage: str,
@@ -226,8 +232,10 @@ def run_training(
             max_steps=cfg.max_steps,
             validate_every=cfg.validate_every,
             validate_every_steps=getattr(cfg, "validate_every_steps", 0),
+            validate_at_steps=tuple(getattr(cfg, "validate_at_steps", ())),
+            select_initial=recipe.fixes.select_initial_validation,
             grad_accum=getattr(cfg, "grad_accum", 1),
-            amp=cfg.amp,
+            amp=stage_amp(recipe, cfg.amp),
             scheduler=getattr(cfg, "scheduler", "constant"),
             warmup_steps=getattr(cfg, "warmup_steps", 0),
             min_lr=getattr(cfg, "min_lr", 0.0),

@@ -30,11 +30,11 @@ if TYPE_CHECKING:
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 BUILTIN = {"cir-tiny-hf": CONFIG_DIR / "cir-tiny-hf.json"}
-# LinCIR's --clip_model_name keys (spec 1.1); the laion repos carry the projection-dim fix.
+# LinCIR's --clip_model_name keys, the ids its models.py build_text_encoder loads (spec 1.1).
 ALIASES = {
     "large": "openai/clip-vit-large-patch14",
     "huge": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-    "giga": "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",
+    "giga": "Geonmo/CLIP-Giga-config-fixed",
 }
 
 

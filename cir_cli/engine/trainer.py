@@ -63,7 +63,12 @@ class TrainSettings:
     validate_every: int = 1
     # Validate every N optimizer steps (mid-epoch) instead of every `validate_every` epochs.
     validate_every_steps: int = 0
+    # Extra optimizer steps at which to validate too (LinCIR's train_phi.py: step 50).
+    validate_at_steps: tuple[int, ...] = ()
     validate_before: bool = True
+    # Whether the validation before the first step competes for `best`. No reference does it
+    # (they validate after training steps only): False logs it without selecting it.
+    select_initial: bool = False
     grad_accum: int = 1
     amp: str = "auto"
     scheduler: str = "constant"
@@ -260,7 +265,9 @@ class Trainer:
                 "rng": _rng_state(),
             }
 
-        def validate_and_save(epoch_done: int, train_loss: float | None) -> None:
+        def validate_and_save(
+            epoch_done: int, train_loss: float | None, candidate: bool = True
+        ) -> None:
             nonlocal best_value
             # Validation leaves the RNG streams as it found them: whether it had to encode
             # images (a cold feature cache draws DataLoader seeds) must not change training.
@@ -291,7 +298,7 @@ class Trainer:
             save_run_checkpoint(
                 self.run_dir, "last", task.trainable_state(), meta, training_state()
             )
-            if value > best_value:
+            if candidate and value > best_value:
                 best_value = value
                 result.best = row
                 save_run_checkpoint(self.run_dir, "best", task.trainable_state(), meta)
@@ -305,7 +312,8 @@ class Trainer:
 
             seed_everything(s.seed)
         if fresh and s.validate_before:
-            validate_and_save(0, None)
+            # Not a `best` candidate unless asked (or nothing will train after it).
+            validate_and_save(0, None, candidate=s.select_initial or total_steps == 0)
 
         steps_this_process = 0
         stop = total_steps == 0
@@ -362,10 +370,9 @@ class Trainer:
                                 training_state(),
                             )
                         if (
-                            s.validate_every_steps
-                            and step % s.validate_every_steps == 0
-                            and not (total_steps and step >= total_steps)
-                        ):
+                            (s.validate_every_steps and step % s.validate_every_steps == 0)
+                            or step in s.validate_at_steps
+                        ) and not (total_steps and step >= total_steps):
                             validate_and_save(epoch, float(np.mean(losses)))
                             task.set_train_mode()
                         if s.stop_after_steps and steps_this_process >= s.stop_after_steps:

@@ -451,10 +451,14 @@ class LinCirFinetune:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        """EMA of Phi with LinCIR's warm-up: decay_t = min(decay, (1 + t) / (10 + t))."""
+        """EMA of Phi with LinCIR's warm-up: decay_n = min(decay, (1 + n) / (10 + n)).
+
+        LinCIR's EMAModel.step increments its counter before computing the decay, so the n-th
+        update uses n = 1, 2, ... (first decay 2/11); fixes.ema_warmup_from_zero counts from 0.
+        """
         ema = self.ema
-        t = int(ema.num_updates)
-        decay = min(float(self.mcfg.ema_decay), (1 + t) / (10 + t))
+        n = int(ema.num_updates) + (0 if self.recipe.fixes.ema_warmup_from_zero else 1)
+        decay = min(float(self.mcfg.ema_decay), (1 + n) / (10 + n))
         for e, p in zip(ema.parameters(), self.model.phi.parameters(), strict=True):
             e.mul_(decay).add_(p.detach().to(e.dtype), alpha=1 - decay)
         ema.num_updates += 1

@@ -1,0 +1,245 @@
+"""Reference-exact training rows of issue 13 that are not the lr schedule: LinCIR's EMA warm-up,
+validation cadence and `best` selection, AMP mode of the paper recipes, CaLa's HCA mask, and
+the CLIP checkpoints of lincir_huge / lincir_giga. Each against the reference's own rule."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from cir_cli.engine.trainer import Trainer, TrainSettings, _amp
+from cir_cli.methods.lincir import LinCirFinetune
+from cir_cli.recipes import builtin_names, load_recipe
+from cir_cli.workflows import stage_amp
+
+PAPER_RECIPES = [
+    n for n in builtin_names() if not n.startswith(("toy_", "clip_sum")) and "_fixed" not in n
+]
+
+
+# --- LinCIR EMA -------------------------------------------------------------------------------
+
+
+class ReferenceEMA:
+    """navervision/lincir models.py EMAModel, re-derived: the counter is incremented before the
+    decay min(decay, (1 + n) / (10 + n)) is computed; s <- s - (1 - decay) (s - p)."""
+
+    def __init__(self, params: list[torch.Tensor], decay: float) -> None:
+        self.shadow = [p.clone() for p in params]
+        self.decay = decay
+        self.n = 0
+
+    def step(self, params: list[torch.Tensor]) -> None:
+        self.n += 1
+        one_minus = 1 - min(self.decay, (1 + self.n) / (10 + self.n))
+        for s, p in zip(self.shadow, params, strict=True):
+            s.sub_(one_minus * (s - p))
+
+
+def _ema_stub(from_zero: bool, decay: float) -> SimpleNamespace:
+    torch.manual_seed(0)
+    phi = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 3)).double()
+    ema = copy.deepcopy(phi)
+    ema.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+    recipe = load_recipe("lincir_large", [f"fixes.ema_warmup_from_zero={str(from_zero).lower()}"])
+    return SimpleNamespace(
+        ema=ema,
+        mcfg=SimpleNamespace(ema_decay=decay),
+        recipe=recipe,
+        model=SimpleNamespace(phi=phi),
+    )
+
+
+@pytest.mark.parametrize("decay", [0.9999, 0.6])
+def test_lincir_ema_equals_the_reference_ema_model(decay: float) -> None:
+    stub = _ema_stub(False, decay)
+    reference = ReferenceEMA([p.detach() for p in stub.model.phi.parameters()], decay)
+    for step in range(25):
+        with torch.no_grad():
+            for p in stub.model.phi.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        LinCirFinetune._update_ema(stub)
+        reference.step([p.detach() for p in stub.model.phi.parameters()])
+        for mine, ref in zip(stub.ema.parameters(), reference.shadow, strict=True):
+            assert torch.allclose(mine, ref, rtol=0, atol=1e-12), step
+
+
+def test_ema_warmup_switch_counts_from_zero() -> None:
+    """First update: reference decay 2/11; fixes.ema_warmup_from_zero: 1/10."""
+    for from_zero, first_decay in ((False, 2 / 11), (True, 1 / 10)):
+        stub = _ema_stub(from_zero, 0.9999)
+        before = [p.detach().clone() for p in stub.ema.parameters()]
+        with torch.no_grad():
+            for p in stub.model.phi.parameters():
+                p.add_(1.0)
+        LinCirFinetune._update_ema(stub)
+        for e, b, p in zip(stub.ema.parameters(), before, stub.model.phi.parameters(), strict=True):
+            expected = first_decay * b + (1 - first_decay) * p.detach()
+            assert torch.allclose(e, expected, rtol=0, atol=1e-12)
+
+
+# --- validation cadence and `best` --------------------------------------------------------------
+
+
+class ScriptedTask:
+    """A one-weight task whose validation returns scripted metrics (the trainer's bookkeeping
+    alone is under test)."""
+
+    stage = "finetune"
+    selection_metric = "recall_at1"
+
+    def __init__(self, values: list[float]) -> None:
+        self.model = nn.Linear(1, 1)
+        self.values = list(values)
+        self.evaluated_at: list[int] = []
+
+    def num_samples(self) -> int:
+        return 8
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def dataset(self):
+        return None
+
+    def collate(self, items):
+        return items
+
+    def gather(self, indices):
+        return torch.tensor(indices, dtype=torch.float32)[:, None]
+
+    def param_groups(self):
+        return [{"params": list(self.model.parameters()), "lr": 1e-3}]
+
+    def make_optimizer(self, groups):
+        return torch.optim.SGD(groups, lr=1e-3)
+
+    def set_train_mode(self) -> None:
+        self.model.train()
+
+    def compute_loss(self, batch):
+        return self.model(batch).pow(2).mean(), {}
+
+    def evaluate(self):
+        return {"recall_at1": self.values.pop(0)}
+
+    def trainable_state(self):
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+    def load_trainable_state(self, state) -> None:
+        self.model.load_state_dict(state)
+
+    def checkpoint_metadata(self):
+        return {"stage": self.stage}
+
+
+def _fit(tmp_path: Path, values: list[float], select_initial: bool):
+    task = ScriptedTask(values)
+    settings = TrainSettings(
+        epochs=0, max_steps=7, batch_size=1, seed=0, validate_every_steps=3,
+        validate_at_steps=(1,), select_initial=select_initial,
+    )
+    result = Trainer(task, settings, tmp_path, torch.device("cpu")).fit()
+    return result
+
+
+def test_validation_cadence_and_selection_follow_train_phi(tmp_path: Path) -> None:
+    # train_phi.py validates at step 50 and every validation_steps (here: 1 and every 3), keeps
+    # phi_best on a strictly greater R@1, and never validates before training. cir validates at
+    # step 0 too (logged), which must not become `best`.
+    values = [99.0, 10.0, 30.0, 30.0, 20.0]
+    result = _fit(tmp_path / "a", values, select_initial=False)
+    assert [row["step"] for row in result.history] == [0, 1, 3, 6, 7]
+    best_value, best_step = -1.0, None
+    for row in result.history[1:]:  # the reference's rule, over its validations
+        if row["recall_at1"] > best_value:
+            best_value, best_step = row["recall_at1"], row["step"]
+    assert result.best["step"] == best_step == 3
+    # fixes.select_initial_validation: the step-0 validation competes (and wins here).
+    again = _fit(tmp_path / "b", values, select_initial=True)
+    assert again.best["step"] == 0
+
+
+def test_lincir_recipes_validate_and_select_as_train_phi() -> None:
+    for name in ("lincir_large", "lincir_huge", "lincir_giga"):
+        recipe = load_recipe(name)
+        assert recipe.finetune.validate_every_steps == 1000
+        assert recipe.finetune.validate_at_steps == [50]
+        assert recipe.eval.selection_metric == "recall_at1"
+        assert recipe.fixes.select_initial_validation is False
+
+
+# --- AMP ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", PAPER_RECIPES)
+def test_paper_recipes_train_in_fp16_with_a_grad_scaler(name: str) -> None:
+    recipe = load_recipe(name)
+    stages = [recipe.finetune] + ([recipe.combiner] if name.startswith(("clip4", "blip4")) else [])
+    cuda = torch.device("cuda")
+    for cfg in stages:
+        amp = stage_amp(recipe, cfg.amp)
+        assert amp == "fp16", (name, amp)
+        settings = TrainSettings(epochs=1, batch_size=1, seed=0, amp=amp)
+        assert _amp(settings, cuda) == (True, torch.float16, True)  # autocast fp16 + scaler
+        fixed = load_recipe(name, ["fixes.amp_auto=true"])
+        assert stage_amp(fixed, cfg.amp) == "auto"
+
+
+# --- CaLa HCA mask --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [n for n in PAPER_RECIPES if n.startswith("cala_")])
+def test_cala_paper_recipes_have_no_hca_padding_mask(name: str) -> None:
+    recipe = load_recipe(name)
+    assert recipe.method.text_padding_mask is False
+    if "clip" in name:
+        assert recipe.method.compat_reshape is True  # CaLa's `.view` of the layer-4 map
+
+
+def test_hca_without_mask_attends_to_padding() -> None:
+    """With text_padding_mask = false the padded positions change HCA's output (CaLa's
+    behaviour); with the mask they do not."""
+    from cir_cli.modules.cala_heads import HingeCrossAttention
+
+    torch.manual_seed(0)
+    hca = HingeCrossAttention(16).eval()
+    ref, tgt = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    text = torch.randn(2, 7, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    other = text.clone()
+    other[0, 3:] = torch.randn(4, 16)  # change only row 0's padding
+    with torch.no_grad():
+        masked = hca(ref, text, tgt, mask), hca(ref, other, tgt, mask)
+        unmasked = hca(ref, text, tgt, None), hca(ref, other, tgt, None)
+    assert torch.allclose(masked[0], masked[1], atol=1e-6)
+    assert not torch.allclose(unmasked[0][0], unmasked[1][0], atol=1e-3)
+    assert torch.allclose(unmasked[0][1], unmasked[1][1], atol=1e-6)
+
+
+# --- lincir_huge / lincir_giga: the checkpoints LinCIR loads -------------------------------------
+
+# navervision/lincir models.py build_text_encoder: clip_model_dict.
+LINCIR_CLIP_IDS = {
+    "lincir_large": "openai/clip-vit-large-patch14",
+    "lincir_huge": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    "lincir_giga": "Geonmo/CLIP-Giga-config-fixed",
+}
+
+
+@pytest.mark.parametrize(("name", "hf_id"), LINCIR_CLIP_IDS.items())
+def test_lincir_recipes_load_lincirs_hugging_face_checkpoints(name: str, hf_id: str) -> None:
+    from cir_cli.backbones.hf_clip import ALIASES
+
+    recipe = load_recipe(name)
+    assert recipe.backbone.name == "hf_clip"
+    assert recipe.backbone.arch == recipe.backbone.pretrained == hf_id
+    assert ALIASES[{"lincir_large": "large", "lincir_huge": "huge"}.get(name, "giga")] == hf_id
+    assert recipe.data.transform == "clip" and recipe.finetune.amp == "fp16"
+    assert math.isclose(recipe.finetune.lr, 1e-4)
