@@ -243,3 +243,26 @@ def test_lincir_recipes_load_lincirs_hugging_face_checkpoints(name: str, hf_id: 
     assert ALIASES[{"lincir_large": "large", "lincir_huge": "huge"}.get(name, "giga")] == hf_id
     assert recipe.data.transform == "clip" and recipe.finetune.amp == "fp16"
     assert math.isclose(recipe.finetune.lr, 1e-4)
+
+
+# --- `cir recipes show` prints the switches ----------------------------------------------------
+
+
+def test_recipes_show_prints_every_switch_with_its_value() -> None:
+    import tomllib
+
+    from typer.testing import CliRunner
+
+    from cir_cli.cli import app
+    from cir_cli.recipes import FixesConfig
+
+    runner = CliRunner()
+    shown = runner.invoke(app, ["recipes", "show", "sprc_cirr", "--set", "fixes.amp_auto=true"])
+    assert shown.exit_code == 0, shown.output
+    assert "[fixes]" in shown.output
+    fixes = tomllib.loads(shown.output)["fixes"]
+    expected = {name: False for name in FixesConfig.model_fields}
+    expected["amp_auto"] = True
+    assert fixes == expected
+    bad = runner.invoke(app, ["recipes", "show", "sprc_cirr", "--set", "fixes.amp_autoo=true"])
+    assert bad.exit_code == 2 and "did you mean 'amp_auto'" in bad.output

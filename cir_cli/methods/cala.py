@@ -26,8 +26,9 @@ Differences from the published code, on purpose (each named in the recipes):
 - the validation runs in eval mode (CaLa left the Q-Formers' dropout on);
 - the cosine schedule is clamped at finetune.cosine_epochs (CaLa's rose back after max_epoch)
   and advances per step, not per epoch;
-- HCA masks padded caption tokens (`method.text_padding_mask`; CaLa has no mask);
-- CLIP maps become tokens with a proper permute (`method.compat_reshape` reproduces CaLa's);
+- switches, off in the paper recipes (which reproduce CaLa): HCA can mask padded caption
+  tokens (`method.text_padding_mask`; CaLa has no mask) and CLIP maps can become tokens with a
+  proper permute (`method.compat_reshape = false`; the recipes keep CaLa's `.view`);
 - the CLIP visual tower stays in eval mode (CaLa let BatchNorm statistics drift in a tower it
   never steps);
 - checkpoints hold the trained tensors only (CaLa saved three full BLIP-2 copies, ViT included).
