@@ -145,8 +145,10 @@ def _fit(tmp_path: Path, values: list[float], select_initial: bool):
         epochs=0, max_steps=7, batch_size=1, seed=0, validate_every_steps=3,
         validate_at_steps=(1,), select_initial=select_initial,
     )
-    result = Trainer(task, settings, tmp_path, torch.device("cpu")).fit()
-    return result
+    from cir_cli.engine.run_log import RunLog
+
+    log = RunLog(tmp_path, enabled=False)  # no curves.png: the bookkeeping alone is tested
+    return Trainer(task, settings, tmp_path, torch.device("cpu"), run_log=log).fit()
 
 
 def test_validation_cadence_and_selection_follow_train_phi(tmp_path: Path) -> None:
@@ -266,3 +268,100 @@ def test_recipes_show_prints_every_switch_with_its_value() -> None:
     assert fixes == expected
     bad = runner.invoke(app, ["recipes", "show", "sprc_cirr", "--set", "fixes.amp_autoo=true"])
     assert bad.exit_code == 2 and "did you mean 'amp_auto'" in bad.output
+
+
+# --- open_clip towers vs transformers' CLIP on the same weights ----------------------------------
+
+
+def _open_clip_to_hf(state: dict[str, torch.Tensor], layers: int) -> tuple[dict, dict]:
+    """open_clip ViT CLIP state dict -> (CLIPTextModelWithProjection, CLIPVisionModelWithProjection)
+    state dicts: the key map of transformers' convert_clip_original_pytorch_to_hf, re-derived."""
+
+    def blocks(src: str, dst: str, out: dict) -> None:
+        for i in range(layers):
+            s, d = f"{src}.resblocks.{i}", f"{dst}.layers.{i}"
+            q, k, v = state[f"{s}.attn.in_proj_weight"].chunk(3)
+            qb, kb, vb = state[f"{s}.attn.in_proj_bias"].chunk(3)
+            for name, w, b in (("q", q, qb), ("k", k, kb), ("v", v, vb)):
+                out[f"{d}.self_attn.{name}_proj.weight"] = w
+                out[f"{d}.self_attn.{name}_proj.bias"] = b
+            pairs = (
+                ("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
+                ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"),
+            )
+            for a, b in pairs:
+                out[f"{d}.{b}.weight"] = state[f"{s}.{a}.weight"]
+                out[f"{d}.{b}.bias"] = state[f"{s}.{a}.bias"]
+
+    text = {
+        "text_model.embeddings.token_embedding.weight": state["token_embedding.weight"],
+        "text_model.embeddings.position_embedding.weight": state["positional_embedding"],
+        "text_model.final_layer_norm.weight": state["ln_final.weight"],
+        "text_model.final_layer_norm.bias": state["ln_final.bias"],
+        "text_projection.weight": state["text_projection"].T,
+    }
+    blocks("transformer", "text_model.encoder", text)
+    vision = {
+        "vision_model.embeddings.patch_embedding.weight": state["visual.conv1.weight"],
+        "vision_model.embeddings.class_embedding": state["visual.class_embedding"],
+        "vision_model.embeddings.position_embedding.weight": state["visual.positional_embedding"],
+        "vision_model.pre_layrnorm.weight": state["visual.ln_pre.weight"],
+        "vision_model.pre_layrnorm.bias": state["visual.ln_pre.bias"],
+        "vision_model.post_layernorm.weight": state["visual.ln_post.weight"],
+        "vision_model.post_layernorm.bias": state["visual.ln_post.bias"],
+        "visual_projection.weight": state["visual.proj"].T,
+    }
+    blocks("visual.transformer", "vision_model.encoder", vision)
+    return text, vision
+
+
+def test_open_clip_towers_equal_hf_clip_on_the_same_weights() -> None:
+    """The open_clip path (previously lincir_huge / lincir_giga) and the transformers path LinCIR
+    uses give the same image features, text features and pseudo-token queries on the same
+    weights: a tiny ViT with the laion models' layout (GELU, class-token pool, ln_pre)."""
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    from cir_cli.backbones import build_backbone
+    from cir_cli.backbones.hf_clip import HfClipBackbone
+    from cir_cli.backbones.pseudo_tokens import encode_with_pseudo_tokens, tokenize_pieces
+    from cir_cli.recipes import BackboneConfig
+
+    torch.manual_seed(0)
+    oc = build_backbone(BackboneConfig(name="open_clip", arch="cir-tiny", pretrained=None))
+    state = oc.model.state_dict()
+    # open_clip initialises the projections and a few vectors with zeros or tiny values; use
+    # random weights everywhere so no term can hide.
+    state = {k: torch.randn_like(v) * 0.2 if v.is_floating_point() else v for k, v in state.items()}
+    oc.model.load_state_dict(state)
+    text_sd, vision_sd = _open_clip_to_hf(state, layers=2)
+    common = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=2, hidden_act="gelu", projection_dim=64)
+    text = CLIPTextModelWithProjection(
+        CLIPTextConfig(vocab_size=49408, max_position_embeddings=32, eos_token_id=2, **common)
+    )
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=64, patch_size=8, **common))
+    missing = text.load_state_dict(text_sd, strict=False)
+    assert not missing.unexpected_keys and all("position_ids" in k for k in missing.missing_keys)
+    missing = vision.load_state_dict(vision_sd, strict=False)
+    assert not missing.unexpected_keys and all("position_ids" in k for k in missing.missing_keys)
+    hf = HfClipBackbone(text.eval(), vision.eval(), "tiny", "converted")
+    oc.eval()
+
+    pixels = torch.randn(3, 3, 64, 64)
+    texts = ["a red circle", "two small blue squares on the left", "x"]
+    tokens = oc.tokenize(texts)
+    assert torch.equal(tokens, hf.tokenize(texts))
+    with torch.no_grad():
+        image_oc, image_hf = oc.encode_image(pixels), hf.encode_image(pixels)
+        text_oc, text_hf = oc.encode_text(tokens), hf.encode_text(tokens)
+        ids, mask = tokenize_pieces(oc.tokenizer, [["a photo of ", " that is red"]] * 3)
+        v = torch.randn(3, 64)
+        query_oc = encode_with_pseudo_tokens(oc, ids, mask, v)
+        query_hf = encode_with_pseudo_tokens(hf, ids, mask, v)
+    for ours, theirs in ((image_oc, image_hf), (text_oc, text_hf), (query_oc, query_hf)):
+        assert (ours - theirs).abs().max() <= 1e-5 * ours.abs().max()
