@@ -365,3 +365,31 @@ def test_open_clip_towers_equal_hf_clip_on_the_same_weights() -> None:
         query_hf = encode_with_pseudo_tokens(hf, ids, mask, v)
     for ours, theirs in ((image_oc, image_hf), (text_oc, text_hf), (query_oc, query_hf)):
         assert (ours - theirs).abs().max() <= 1e-5 * ours.abs().max()
+
+
+# --- `best` selection metric of every paper recipe ---------------------------------------------
+
+# The metric each reference's --save-best keeps (results_dict key compared with `>`):
+# CLIP4Cir clip_fine_tune.py / combiner_train.py (FIQ average_recall; CIRR arithmetic_mean,
+# also harmonic / geometric files), Bi-Blip4CIR (CIRR 'mean(R@5+R_s@1)'), SPRC
+# blip_fine_tune_2.py (CIRR arithmetic_mean), CaLa blip_fine_tune.py (CIRR arithmetic_mean),
+# LinCIR train_phi.py (cirr_recall_at1).
+REFERENCE_SELECTION = {
+    "clip4cir_fiq": "average_recall", "clip4cir_cirr": "arithmetic_mean",
+    "blip4cir_fiq": "average_recall", "blip4cir_cirr": "mean_r5_rs1",
+    "blip4cir_nobi_fiq": "average_recall", "blip4cir_nobi_cirr": "mean_r5_rs1",
+    "sprc_cirr": "arithmetic_mean", "sprc_vitl_cirr": "arithmetic_mean",
+    "sprc_fiq": "average_recall",
+    "cala_blip2_cirr": "arithmetic_mean", "cala_blip2_artemis_cirr": "arithmetic_mean",
+    "cala_clip_cirr": "arithmetic_mean", "cala_blip2_fiq": "average_recall",
+    "cala_clip_fiq": "average_recall",
+    "lincir_large": "recall_at1", "lincir_huge": "recall_at1", "lincir_giga": "recall_at1",
+}
+
+
+def test_every_paper_recipe_selects_best_as_its_reference() -> None:
+    from cir_cli.evaluation import selection_metric
+
+    assert set(REFERENCE_SELECTION) == set(PAPER_RECIPES)
+    for name, metric in REFERENCE_SELECTION.items():
+        assert selection_metric(load_recipe(name)) == metric, name
