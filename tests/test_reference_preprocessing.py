@@ -219,3 +219,23 @@ def test_recipes_pick_the_reference_preprocessing(
 ) -> None:
     method = CIRMethod(load_recipe(recipe, overrides))
     assert method.preprocessing_options() == expected
+
+
+def test_clip4cir_clip_transform_is_reachable_with_the_switches() -> None:
+    """CLIP4Cir's `--transform clip` (OpenAI's preprocess: Resize, torchvision CenterCrop, RGB,
+    ToTensor, Normalize) = `clip` with crop="torchvision" and rgb="after_crop" (README)."""
+    from torchvision import transforms as T
+
+    openai = T.Compose(
+        [
+            T.Resize(224, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(224),
+            lambda image: image.convert("RGB"),
+            T.ToTensor(),
+            T.Normalize(CLIP_MEAN, CLIP_STD),
+        ]
+    )
+    ours = build_transform("clip", 224, crop="torchvision", rgb="after_crop")
+    for mode in ("P", "RGBA", "RGB"):
+        image = noise_image((640, 427), mode, seed=11)
+        assert torch.equal(ours(image.copy()), openai(image.copy())), mode
