@@ -253,6 +253,13 @@ def validate(
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Do not use the feature cache.")
     ] = False,
+    report: Annotated[
+        Path | None,
+        typer.Option("--report", help="Also write an HTML report (worst/best queries, audit)."),
+    ] = None,
+    report_queries: Annotated[
+        int, typer.Option("--report-queries", min=1, help="Worst and best queries shown per split.")
+    ] = 8,
 ) -> None:
     """Evaluate a recipe's model on its dataset's validation split; prints and saves metrics."""
     from cir_cli.workflows import run_validation
@@ -264,9 +271,13 @@ def validate(
         split=split,
         save_rankings=save_rankings or cfg.eval.save_rankings,
         use_cache=not no_cache,
+        report=report,
+        report_queries=report_queries,
     )
     _print_metrics(result.metrics, f"{cfg.name} on {cfg.data.dataset} {split or cfg.eval.split}")
     _console().print(f"results in {result.run_dir}")
+    if report is not None:
+        _console().print(f"report: {report}")
 
 
 def _train(stage, recipe, overrides, output_dir, device, resume) -> None:
