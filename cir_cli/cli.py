@@ -37,7 +37,10 @@ def _console(stderr: bool = False):
 
 
 def fail(message: str, code: int = 2) -> None:
-    _console(stderr=True).print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    from rich.markup import escape
+
+    # Escaped: a message may quote user text or name an extra like 'cir-cli[demo]'.
+    _console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -353,7 +356,8 @@ def submit(
         _console().print(f"wrote {path}")
 
 
-from cir_cli import cli_search  # noqa: E402,F401  (registers `cir index` and `cir search`)
+# Register `cir demo`, `cir index` and `cir search` (their modules import this one).
+from cir_cli import cli_demo, cli_search  # noqa: E402,F401
 
 
 def main() -> None:
