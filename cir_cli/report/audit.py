@@ -206,7 +206,10 @@ def evaluate_with_report(
     for s in splits:
         reps = split_representations(model, s, cache, bs, nw)
         result = evaluate_split(model, s, cache, bs, nw, chunk, representations=reps)
-        modality = modality_ranks(model, s, reps[0], reps[1], bs, chunk)
+        # Only where the split has per-query target ranks (not GeneCIS's candidate sets).
+        modality = {}
+        if result.ranks is not None:
+            modality = modality_ranks(model, s, reps[0], reps[1], bs, chunk)
         results.append(result)
         reports.append(split_report(result, modality, top_k))
         del reps

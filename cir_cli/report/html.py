@@ -271,7 +271,9 @@ def render_report(
         '<p class="meta">How many queries the same model already solves from one modality '
         "alone: <i>image</i> = the reference image's own feature as the query, <i>text</i> = "
         "the caption's feature as the query (same gallery, same protocol). A high count means "
-        "the benchmark split does not need composition there.</p>",
+        "the benchmark split does not need composition there. The reference is dropped from the "
+        "gallery only where the benchmark's protocol drops it (CIRR); elsewhere (FashionIQ) the "
+        "image alone mostly finds the reference itself first.</p>",
         _audit_table(audit, n),
         "</section>",
     ]
