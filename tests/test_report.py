@@ -231,3 +231,32 @@ def test_audit_histogram_and_escaping_by_hand(tmp_path: Path) -> None:
     # Both categories get their own section; a missing image becomes a placeholder tile.
     assert page.count('<section class="block split"') == 2
     assert 'class="missing"' in page
+
+
+def test_lincir_single_modalities_are_its_baselines(tmp_path: Path) -> None:
+    """LinCIR's text-alone query is its own `text_only` baseline (a second model built with
+    method.text_only = true), and its image-alone query is the normalised reference feature."""
+    from cir_cli.methods import build_method
+
+    items = [
+        'backbone.name="open_clip"',
+        'backbone.arch="cir-tiny"',
+        'backbone.pretrained=""',
+        f'output.dir="{tmp_path / "runs"}"',
+        f'data.root="{tmp_path / "none"}"',
+    ]
+    torch.manual_seed(0)
+    model = build_method(load_recipe("toy_lincir", items)).eval()
+    torch.manual_seed(0)
+    baseline = build_method(load_recipe("toy_lincir", [*items, "method.text_only=true"])).eval()
+    ref = torch.randn(2, model.backbone.feature_dim)
+    texts = [("is red.", "has sleeves "), "make it a star"]
+    with torch.no_grad():
+        single = model.single_modality_queries(ref, texts)
+        expected_text = baseline.queries_from_representation(ref, texts)
+    torch.testing.assert_close(single["text"], expected_text)
+    torch.testing.assert_close(single["image"], F.normalize(ref, dim=-1))
+    # CIRMethod's default: no single-modality query (SPRC, CaLa): the audit says n/a.
+    from cir_cli.methods.base import CIRMethod
+
+    assert CIRMethod.single_modality_queries(model, ref, texts) == {}
