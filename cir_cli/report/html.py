@@ -43,19 +43,19 @@ font-size:13px;max-width:720px}
 .cards{display:flex;flex-direction:column;gap:10px}
 article.query{border:1px solid #e2e2e2;border-radius:6px;padding:8px;display:flex;gap:12px;
 background:#fcfcfc}
-.ref{flex:0 0 150px;font-size:12px}
-.ref img{width:140px;height:140px;object-fit:contain;background:#eee;border:3px solid #3a6ee8;
+.ref{flex:0 0 130px;font-size:12px;overflow-wrap:anywhere}
+.ref img{width:120px;height:120px;object-fit:contain;background:#eee;border:3px solid #3a6ee8;
 border-radius:6px;display:block}
 .body{flex:1;min-width:0} .text{font-size:16px;margin-bottom:4px;overflow-wrap:anywhere}
 .text b{color:#3a6ee8}
 .row{display:flex;flex-wrap:wrap;gap:6px}
-figure{margin:0;width:92px;background:#fafafa;border:1px solid #e2e2e2;border-radius:5px;
-padding:3px;font-size:11px}
-figure img{width:86px;height:86px;object-fit:contain;background:#eee;display:block}
+figure{margin:0;width:70px;background:#fafafa;border:1px solid #e2e2e2;border-radius:5px;
+padding:3px;font-size:10px}
+figure img{width:64px;height:64px;object-fit:contain;background:#eee;display:block}
 figure.target{border:3px solid #1a9c46;padding:1px}
 figure.outside{border-style:dashed;margin-left:10px}
 figcaption{overflow-wrap:anywhere}
-.missing{width:86px;height:86px;background:#eee;display:flex;align-items:center;
+.missing{width:64px;height:64px;background:#eee;display:flex;align-items:center;
 justify-content:center;color:#999}
 .lost{color:#b3261e;font-weight:bold} .good{color:#1a9c46}
 """
