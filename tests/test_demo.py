@@ -295,3 +295,17 @@ def test_demo_without_the_extra_says_what_to_install(monkeypatch, index_path: Pa
     result = CliRunner().invoke(app, ["demo", str(index_path)])
     assert result.exit_code == 2
     assert "pip install 'cir-cli[demo]'" in result.output and "uvicorn" in result.output
+
+
+def test_a_large_index_gets_a_path_field(server, monkeypatch) -> None:
+    """Past SELECT_LIMIT images the page asks for a relative path instead of a huge <select>."""
+    from cir_cli.demo import app as demo_app
+
+    state, _, port = server
+    monkeypatch.setattr(demo_app, "SELECT_LIMIT", 3)
+    status, page = request(port, "GET", "/")
+    assert status == 200 and '<input type="text" name="reference"' in page
+    assert "<option" not in page
+    body, headers = multipart({"text": TEXT, "k": "3", "reference": state.names[2]})
+    status, page = request(port, "POST", "/search", body, headers)
+    assert status == 200 and page.count('class="hit"') == 3

@@ -206,7 +206,7 @@ def _page(state: DemoState, body: str = "", error: str = "", form: dict | None =
         f'<div class="error" id="error" role="alert">{esc(error)}</div>' if error else "",
         '<form id="query" method="post" action="/search" enctype="multipart/form-data">',
         f'<label for="reference">reference image</label>{picker}',
-        '<label for="upload">or upload one</label>',
+        '<label for="upload">or upload one<br><small>(used instead)</small></label>',
         '<input type="file" name="upload" id="upload" accept="image/*">',
         '<label for="text">modification</label>',
         f'<input type="text" name="text" id="text" value="{esc(form.get("text", ""))}" '
