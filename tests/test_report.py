@@ -260,3 +260,33 @@ def test_lincir_single_modalities_are_its_baselines(tmp_path: Path) -> None:
     from cir_cli.methods.base import CIRMethod
 
     assert CIRMethod.single_modality_queries(model, ref, texts) == {}
+
+
+def test_fashioniq_report_has_a_section_per_category(tmp_path: Path) -> None:
+    """Several splits (FashionIQ categories): one section each, the category grid, the same
+    metrics as `api.validate`, and an audit row per category."""
+    from cir_cli.data.toy import generate_toy
+    from cir_cli.report import audit_table, evaluate_with_report
+
+    root = tmp_path / "toy_fiq"
+    generate_toy(root, fmt="fashioniq", n_train_triplets=40, n_val_queries=40, n_test_queries=8)
+    shapes = ["circle", "square"]  # two categories keep it quick
+    overrides = toy_overrides(root, tmp_path / "runs") + [
+        'data.dataset="fashioniq"', f"data.categories={json.dumps(shapes)}",
+    ]
+    recipe = load_recipe("toy_clip4cir", overrides)
+    model = api.load_model(recipe, device="cpu")
+    evaluation, reports = evaluate_with_report(model, recipe)
+    assert evaluation.metrics == api.validate(model, recipe).metrics
+    assert [r.category for r in reports] == shapes
+    audit = audit_table(reports, 3)
+    assert list(audit) == [f"fashioniq/val/{s}" for s in shapes]
+    for report in reports:
+        ranks = [r.rank for r in report.records]
+        assert report.recall[10] == pytest.approx(100 * sum(r <= 10 for r in ranks) / len(ranks))
+    page = render_report(tmp_path / "fiq.html", evaluation.metrics, reports, audit, "fiq", n=3)
+    text = page.read_text()
+    assert text.count('<section class="block split"') == 2
+    assert text.count('<article class="query"') == 2 * 6
+    grid = text[text.index('<table class="grid">') : text.index("</table>")]
+    assert grid.count("<tr>") == 1 + 2 + 1 and ">square</td>" in grid
