@@ -33,9 +33,10 @@ def demo(
     ] = 8192,
 ) -> None:
     """Serve a local web page to search an index: pick or upload a reference, type a text."""
-    from cir_cli.demo.app import DemoState, require_demo_extra, serve
+    from cir_cli.demo.app import DemoState, check_port, require_demo_extra, serve
 
     require_demo_extra()
+    check_port(host, port)
     from cir_cli import search as lib
 
     idx = lib.load_index(index_path)

@@ -309,3 +309,11 @@ def test_a_large_index_gets_a_path_field(server, monkeypatch) -> None:
     body, headers = multipart({"text": TEXT, "k": "3", "reference": state.names[2]})
     status, page = request(port, "POST", "/search", body, headers)
     assert status == 200 and page.count('class="hit"') == 3
+
+
+def test_a_busy_port_is_one_line(server, index_path: Path) -> None:
+    _, _, port = server
+    result = CliRunner().invoke(app, ["demo", str(index_path), "--port", str(port)])
+    assert result.exit_code == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.output
+    assert "Traceback" not in result.output

@@ -377,6 +377,25 @@ def require_demo_extra() -> None:
         )
 
 
+def check_port(host: str, port: int) -> None:
+    """CirError when `host:port` cannot be bound (checked before the model is loaded)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise CirError(f"--host {host!r}: not an address of this machine ({exc})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise CirError(
+                f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port"
+            ) from None
+
+
 def serve(state: DemoState, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Run the demo until interrupted."""
     import uvicorn
