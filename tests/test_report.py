@@ -290,3 +290,10 @@ def test_fashioniq_report_has_a_section_per_category(tmp_path: Path) -> None:
     assert text.count('<article class="query"') == 2 * 6
     grid = text[text.index('<table class="grid">') : text.index("</table>")]
     assert grid.count("<tr>") == 1 + 2 + 1 and ">square</td>" in grid
+
+
+def test_report_into_a_missing_folder_is_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "nowhere" / "r.html"
+    result = CliRunner().invoke(app, ["validate", "--recipe", "toy_clip4cir", "--report", str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.startswith("error: --report") and "folder does not exist" in result.output
