@@ -54,7 +54,8 @@ def main() -> None:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     port = free_port()
     cir = [sys.executable, "-m", "cir_cli", "-q", "demo", str(args.index), "--port", str(port)]
@@ -83,7 +84,12 @@ def main() -> None:
         k = driver.find_element(By.ID, "k")
         k.clear()
         k.send_keys(str(args.k))
+        old = driver.find_element(By.TAG_NAME, "html")
         driver.find_element(By.ID, "submit").click()
+        WebDriverWait(driver, 120).until(EC.staleness_of(old))
+        WebDriverWait(driver, 120).until(
+            lambda d: d.execute_script("return document.readyState") == "complete"
+        )
         names = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#results li .name")]
         driver.save_screenshot(str(args.png))
         print(f"wrote {args.png}; top-{len(names)}: {', '.join(names)}")

@@ -195,10 +195,21 @@ def test_http_refusals_and_the_server_keeps_serving(server, index_path: Path) ->
 
 def test_demo_in_chromium_matches_cir_search(server, index_path: Path, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     state, base, port = server
     driver = chromium_driver()
+
+    def submit() -> None:
+        # Wait for the answer page itself: a click may return before the navigation ends.
+        old = driver.find_element(By.TAG_NAME, "html")
+        driver.find_element(By.ID, "submit").click()
+        WebDriverWait(driver, 60).until(EC.staleness_of(old))
+        WebDriverWait(driver, 60).until(
+            lambda d: d.execute_script("return document.readyState") == "complete"
+        )
+
     try:
         driver.set_page_load_timeout(60)
         driver.get(base + "/")
@@ -214,7 +225,7 @@ def test_demo_in_chromium_matches_cir_search(server, index_path: Path, tmp_path:
             number = driver.find_element(By.ID, "k")
             number.clear()
             number.send_keys(str(k))
-            driver.find_element(By.ID, "submit").click()
+            submit()
 
         search(TEXT)
         names = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#results li .name")]
@@ -247,7 +258,7 @@ def test_demo_in_chromium_matches_cir_search(server, index_path: Path, tmp_path:
         driver.execute_script(
             "document.querySelector('#reference option:checked').value = '../../etc/passwd'"
         )
-        driver.find_element(By.ID, "submit").click()
+        submit()
         assert "'../../etc/passwd' is not an image of this index" in (
             driver.find_element(By.ID, "error").text
         )
