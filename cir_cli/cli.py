@@ -37,7 +37,10 @@ def _console(stderr: bool = False):
 
 
 def fail(message: str, code: int = 2) -> None:
-    _console(stderr=True).print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    from rich.markup import escape
+
+    # Escaped: a message may quote user text or name an extra like 'cir-cli[demo]'.
+    _console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -253,6 +256,13 @@ def validate(
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Do not use the feature cache.")
     ] = False,
+    report: Annotated[
+        Path | None,
+        typer.Option("--report", help="Also write an HTML report (worst/best queries, audit)."),
+    ] = None,
+    report_queries: Annotated[
+        int, typer.Option("--report-queries", min=1, help="Worst and best queries shown per split.")
+    ] = 8,
 ) -> None:
     """Evaluate a recipe's model on its dataset's validation split; prints and saves metrics."""
     from cir_cli.workflows import run_validation
@@ -264,9 +274,13 @@ def validate(
         split=split,
         save_rankings=save_rankings or cfg.eval.save_rankings,
         use_cache=not no_cache,
+        report=report,
+        report_queries=report_queries,
     )
     _print_metrics(result.metrics, f"{cfg.name} on {cfg.data.dataset} {split or cfg.eval.split}")
     _console().print(f"results in {result.run_dir}")
+    if report is not None:
+        _console().print(f"report: {report}")
 
 
 def _train(stage, recipe, overrides, output_dir, device, resume) -> None:
@@ -342,7 +356,8 @@ def submit(
         _console().print(f"wrote {path}")
 
 
-from cir_cli import cli_search  # noqa: E402,F401  (registers `cir index` and `cir search`)
+# Register `cir demo`, `cir index` and `cir search` (their modules import this one).
+from cir_cli import cli_demo, cli_search  # noqa: E402,F401
 
 
 def main() -> None:

@@ -47,6 +47,9 @@ class SplitResult:
     # Multi-target splits (Triplet.targets, CIRCO): mAP@k of the top-50, and mAP@10 per tag.
     map_at: dict[int, float] = field(default_factory=dict)
     tag_map: dict[str, float] = field(default_factory=dict)
+    # Per query: the 0-based rank of its target in the whole gallery (single-target recall
+    # splits), kept for per-query views such as `cir validate --report`.
+    ranks: torch.Tensor | None = None
 
 
 @dataclass
@@ -205,6 +208,7 @@ def evaluate_split(
             chunk_size=rank_chunk,
         )
         result.recall = metrics.recall_from_ranks(ranks, ks)
+        result.ranks = ranks
 
     if split.has_groups:
         width = max(len(t.group) for t in split.triplets)  # CIRR 6, GeneCIS 15

@@ -33,12 +33,23 @@ def run_validation(
     split: str | None = None,
     save_rankings: bool = False,
     use_cache: bool = True,
+    report: Path | None = None,
+    report_queries: int = 8,
 ) -> ValidationRun:
     from cir_cli import api
     from cir_cli.runs import new_run_dir, write_manifest
 
+    if report is not None and not Path(report).expanduser().resolve().parent.is_dir():
+        raise CirError(f"--report {report}: its folder does not exist")
     model = api.load_model(recipe, checkpoint=checkpoint, device=recipe.device)
-    evaluation = api.validate(model, recipe, split=split, use_cache=use_cache)
+    split_reports = None
+    if report is not None:
+        # The same evaluation plus per-query ranks and the single-modality ranks (report/).
+        from cir_cli.report import evaluate_with_report
+
+        evaluation, split_reports = evaluate_with_report(model, recipe, split, use_cache)
+    else:
+        evaluation = api.validate(model, recipe, split=split, use_cache=use_cache)
     if not evaluation.metrics:
         raise CirError(
             f"split '{split or recipe.eval.split}' of {recipe.data.dataset} has no targets to "
@@ -56,6 +67,8 @@ def run_validation(
         },
     )
     write_metrics(run_dir, evaluation.metrics)
+    if split_reports is not None:
+        _write_report(run_dir, recipe, evaluation.metrics, split_reports, report, report_queries)
     if save_rankings:
         write_json_atomic(run_dir / "rankings.json", evaluation.rankings(), indent=None)
         if recipe.data.dataset == "circo":
@@ -69,6 +82,24 @@ def run_validation(
                 [t.query_id for t in result.split.triplets],
             )
     return ValidationRun(evaluation.metrics, run_dir, evaluation)
+
+
+def _write_report(run_dir, recipe, metrics, split_reports, out, n) -> None:
+    """The HTML report, and the modality audit added to metrics.json (metrics.csv stays flat)."""
+    from cir_cli.report import audit_table, render_report
+
+    audit = audit_table(split_reports, n)
+    write_json_atomic(run_dir / "metrics.json", {**metrics, "modality_audit": audit})
+    labels = ", ".join(r.label for r in split_reports)
+    render_report(
+        out,
+        metrics,
+        split_reports,
+        audit,
+        title=f"cir validate: {recipe.name}",
+        subtitle=f"{labels} | run {run_dir}",
+        n=n,
+    )
 
 
 def run_submission(

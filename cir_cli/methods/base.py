@@ -134,6 +134,15 @@ class CIRMethod(nn.Module):
     def targets_from_representation(self, representation: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def single_modality_queries(
+        self, reference: torch.Tensor, texts: list[Any]
+    ) -> dict[str, torch.Tensor]:
+        """Queries built from one modality alone, scored like composed queries (the modality
+        audit of `cir validate --report`): "image" = the reference's own target feature,
+        "text" = the caption's feature in the target space. Empty where a method has no such
+        query (its targets live in a space a text or image feature alone cannot enter)."""
+        return {}
+
     def score(self, queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(Q, D) x (N, D) -> (Q, N) cosine similarities of normalised features."""
         return queries @ targets.T
@@ -272,3 +281,14 @@ class FusedFeatureMethod(CIRMethod):
 
     def targets_from_representation(self, representation: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(representation.float(), dim=-1)
+
+    def single_modality_queries(
+        self, reference: torch.Tensor, texts: list[Any]
+    ) -> dict[str, torch.Tensor]:
+        # The raw image and text features share the backbone's contrastive space, so either one
+        # normalised is a query against the normalised image targets.
+        normalize = torch.nn.functional.normalize
+        return {
+            "image": self.targets_from_representation(reference.to(self.device)),
+            "text": normalize(self.encode_texts(texts).float(), dim=-1),
+        }

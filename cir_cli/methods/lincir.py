@@ -177,6 +177,16 @@ class LinCir(CIRMethod):
     def targets_from_representation(self, representation: torch.Tensor) -> torch.Tensor:
         return F.normalize(representation.float(), dim=-1)
 
+    def single_modality_queries(
+        self, reference: torch.Tensor, texts: list[QueryText]
+    ) -> dict[str, torch.Tensor]:
+        # Image alone: the reference's CLIP feature; text alone: the method's own no-pseudo-token
+        # baseline (the prompt with `$` dropped), both in the CLIP space of the targets.
+        return {
+            "image": self.targets_from_representation(reference.to(self.device)),
+            "text": self._text_only_queries(self.cfg.prompt, texts),
+        }
+
     def describe(self) -> dict[str, Any]:
         return {
             "method": self.name,
