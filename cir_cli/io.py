@@ -138,22 +138,33 @@ def _free_space(path: Path) -> str:
     return "unknown"
 
 
-def describe_write_error(path: PathLike, error: OSError) -> str:
+def _file_in_the_way(path: Path) -> Path | None:
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return folder if not folder.is_dir() else None
+    return None
+
+
+def describe_write_error(path: PathLike, error: OSError, previous: bool = False) -> str:
     """One line for a refused write: the path, the reason, and what stays as it was."""
     p = Path(path)
+    if error.errno in (errno.EEXIST, errno.ENOTDIR):
+        blocker = _file_in_the_way(p if error.errno == errno.EEXIST else p.parent)
+        if blocker is not None:
+            return f"cannot write {p}: {blocker} is a file, not a folder"
     reason = error.strerror or str(error)
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         reason += f" ({_free_space(p.parent)} free)"
-    kept = "; the previous version is kept" if p.exists() else ""
+    kept = "; the previous version is kept" if previous and p.exists() else ""
     return f"cannot write {p}: {reason}{kept}"
 
 
-def write_error(path: PathLike, exc: BaseException) -> CirError | None:
+def write_error(path: PathLike, exc: BaseException, previous: bool = False) -> CirError | None:
     """The CirError for a write of `path` that failed with `exc`, or None for other failures."""
     found = find_os_error(exc)
     if found is None or found.errno not in WRITE_ERRNOS:
         return None
-    return CirError(describe_write_error(path, found))
+    return CirError(describe_write_error(path, found, previous))
 
 
 def _umask() -> int:
@@ -194,9 +205,9 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     system refuses (EROFS, EACCES, ENOSPC, EDQUOT, ...) becomes one CirError line naming `path`.
     """
     final = Path(path)
-    make_dirs(final.parent)
     tmp: Path | None = None
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
         os.close(fd)
         tmp = Path(tmp_name)
@@ -208,7 +219,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-        error = write_error(final, exc) if not isinstance(exc, CirError) else None
+        error = write_error(final, exc, True) if not isinstance(exc, CirError) else None
         if error is not None:
             raise error from exc
         raise
@@ -224,9 +235,9 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     the ones a killed process left behind.
     """
     final = Path(path)
-    make_dirs(final.parent)
     staging: Path | None = None
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         # mkdtemp creates 0700 folders; outputs get the usual permissions (0777 minus umask).
         os.chmod(staging, dir_mode())
@@ -244,7 +255,7 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         # A file inside the staging folder was refused: name the folder the user asked for.
-        error = write_error(final, exc)
+        error = write_error(final, exc, True)
         if error is not None:
             raise error from exc
         raise

@@ -150,17 +150,13 @@ def _recipe_for_resume(recipe: Recipe | None, resume: str | None) -> Recipe:
         if recipe is None:
             raise CirError("--recipe is required (or --resume <run dir>)")
         return recipe
-    import json
-
     manifest = Path(resume).expanduser() / "manifest.json"
     if not manifest.is_file():
         raise CirError(f"--resume {resume}: not a run folder (no manifest.json)")
+    from cir_cli.io import read_json, require_field
     from cir_cli.recipes import validate_recipe
 
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))["recipe"]
-    except (json.JSONDecodeError, KeyError):
-        raise CirError(f"{manifest}: malformed manifest (no 'recipe' entry)") from None
+    data = require_field(read_json(manifest, "run manifest", dict), "recipe", dict, manifest)
     return validate_recipe(data, str(manifest))
 
 
