@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cir_cli.errors import CirError
-from cir_cli.io import atomic_path, read_json, require_field, write_text_atomic
+from cir_cli.io import atomic_path, read_json, read_text, require_field, write_text_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -799,7 +799,7 @@ def read_queries(path: str | os.PathLike[str]) -> list[Query]:
         raise CirError(f"queries file not found: {file}")
     base = file.resolve().parent
     rows: list[tuple[int, dict[str, Any]]] = []
-    text = file.read_text(encoding="utf-8-sig")
+    text = read_text(file, "queries file", encoding="utf-8-sig")
     if file.suffix.lower() == ".json" and text.lstrip().startswith("["):
         # A JSON array of {"image", "text"} objects (what json.dump of a list writes).
         try:
