@@ -214,6 +214,8 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         # mkstemp creates 0600 files; outputs get the usual permissions (0666 minus the umask).
         os.chmod(tmp, file_mode())
         yield tmp
+        # Again after the write: some writers (safetensors) recreate the file as 0600.
+        os.chmod(tmp, file_mode())
         os.replace(tmp, final)
     except BaseException as exc:
         if tmp is not None:
