@@ -116,6 +116,7 @@ def test_random_sigkills_then_resume_equal_an_uninterrupted_run(small_toy: Path,
             break
         assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
     assert kills >= 10, f"only {kills} kills in {launches} launches"
+    print(f"{kills} SIGKILLs in {launches} launches")  # shown with -rP (for the note)
 
     assert _weights(run / "checkpoints" / "last").keys() == _weights(
         expected_run / "checkpoints" / "last").keys()

@@ -232,6 +232,8 @@ class Trainer:
 
         epoch, batch_in_epoch, step = 0, 0, 0
         best_value = -math.inf
+        # Losses of the current epoch's batches so far (its mean is the epoch's train_loss).
+        losses: list[float] = []
         resumed = False
         if self.dist.is_main:
             # Staging folders of a save that a kill interrupted: never read, only in the way.
@@ -251,6 +253,8 @@ class Trainer:
                     training["step"],
                 )
                 best_value = training.get("best_value", -math.inf)
+                # A resumed epoch's train_loss averages the batches before the kill too.
+                losses = [float(v) for v in training.get("epoch_losses", [])]
                 # The logs may hold rows written after this checkpoint (a kill between a row
                 # and the next save): cut them back to what the checkpoint has seen, so the
                 # continuation writes them again exactly as an uninterrupted run would.
@@ -271,6 +275,7 @@ class Trainer:
                 "best_value": best_value,
                 # metrics.csv rows this state has written (rewound to this on resume).
                 "history_rows": len(result.history),
+                "epoch_losses": list(losses),
                 "rng": _rng_state(),
             }
 
@@ -333,7 +338,6 @@ class Trainer:
             task.set_epoch(epoch)
             loader = self._loader(sampler)
             task.set_train_mode()
-            losses: list[float] = []
             started = time.perf_counter()
             seen = 0
             remaining = batches_per_epoch - batch_in_epoch
@@ -401,6 +405,7 @@ class Trainer:
                             break
             result.epoch_seconds.append(time.perf_counter() - started)
             epoch_loss = float(np.mean(losses)) if losses else float("nan")
+            losses = []
             epoch += 1
             batch_in_epoch = 0
             self.log.epoch(epoch, epoch_loss)
