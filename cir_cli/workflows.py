@@ -45,29 +45,36 @@ def run_validation(
             "score; use `cir submit` for test splits"
         )
     run_dir = new_run_dir(recipe.output.dir, recipe.name, "validate")
-    write_manifest(
-        run_dir,
-        recipe,
-        "validate",
-        {
-            "checkpoint": model.loaded_from,
-            "split": split or recipe.eval.split,
-            "model": model.describe(),
-        },
-    )
-    write_metrics(run_dir, evaluation.metrics)
-    if save_rankings:
-        write_json_atomic(run_dir / "rankings.json", evaluation.rankings(), indent=None)
-        if recipe.data.dataset == "circo":
-            # The official CIRCO evaluator's input: {"<query id>": [50 unique int image ids]}.
-            from cir_cli.submission import write_circo_submission
+    try:
+        write_manifest(
+            run_dir,
+            recipe,
+            "validate",
+            {
+                "checkpoint": model.loaded_from,
+                "split": split or recipe.eval.split,
+                "model": model.describe(),
+            },
+        )
+        write_metrics(run_dir, evaluation.metrics)
+        if save_rankings:
+            write_json_atomic(run_dir / "rankings.json", evaluation.rankings(), indent=None)
+            if recipe.data.dataset == "circo":
+                # The official CIRCO evaluator's input: {"<query id>": [50 unique int ids]}.
+                from cir_cli.submission import write_circo_submission
 
-            result = evaluation.splits[0]
-            write_circo_submission(
-                run_dir / "circo_rankings.json",
-                evaluation.rankings(),
-                [t.query_id for t in result.split.triplets],
-            )
+                result = evaluation.splits[0]
+                write_circo_submission(
+                    run_dir / "circo_rankings.json",
+                    evaluation.rankings(),
+                    [t.query_id for t in result.split.triplets],
+                )
+    except BaseException:
+        # A refused write (disk full, ...): no run folder with half its files.
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return ValidationRun(evaluation.metrics, run_dir, evaluation)
 
 

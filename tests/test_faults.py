@@ -272,6 +272,7 @@ def test_disk_full_on_a_real_small_tmpfs(small_toy: Path, tmp_path: Path) -> Non
         line = _one_line(result)
         assert str(mount / "runs") in line and "No space left on device" in line
         assert "free)" in line
+        assert not (mount / "runs").exists() or list((mount / "runs").iterdir()) == []
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
 
