@@ -6,6 +6,7 @@ them, so `cir --help`, `cir recipes list` and shell completion answer at once.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -59,7 +60,9 @@ def cli_command(func):
 
             if _state["debug"] or exc.errno not in WRITE_ERRNOS or not exc.filename:
                 raise
-            fail(describe_write_error(exc.filename, exc))
+            # Only a full disk or a read-only one is surely a write; EACCES may be a read.
+            writing = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+            fail(describe_write_error(exc.filename, exc, verb="write" if writing else "access"))
 
     return wrapper
 

@@ -145,18 +145,20 @@ def _file_in_the_way(path: Path) -> Path | None:
     return None
 
 
-def describe_write_error(path: PathLike, error: OSError, previous: bool = False) -> str:
+def describe_write_error(
+    path: PathLike, error: OSError, previous: bool = False, verb: str = "write"
+) -> str:
     """One line for a refused write: the path, the reason, and what stays as it was."""
     p = Path(path)
     if error.errno in (errno.EEXIST, errno.ENOTDIR):
         blocker = _file_in_the_way(p if error.errno == errno.EEXIST else p.parent)
         if blocker is not None:
-            return f"cannot write {p}: {blocker} is a file, not a folder"
+            return f"cannot {verb} {p}: {blocker} is a file, not a folder"
     reason = error.strerror or str(error)
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         reason += f" ({_free_space(p.parent)} free)"
     kept = "; the previous version is kept" if previous and p.exists() else ""
-    return f"cannot write {p}: {reason}{kept}"
+    return f"cannot {verb} {p}: {reason}{kept}"
 
 
 def write_error(path: PathLike, exc: BaseException, previous: bool = False) -> CirError | None:
