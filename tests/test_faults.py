@@ -422,3 +422,19 @@ def test_stale_staging_folders_are_removed_at_the_next_start(tmp_path: Path) -> 
     removed = remove_stale_checkpoint_temps(tmp_path)
     assert sorted(p.name for p in removed) == [".best.x", ".last.abc123"]
     assert sorted(p.name for p in root.iterdir()) == ["last"]
+
+
+def test_rewind_cuts_the_logs_back_to_the_checkpoint(tmp_path: Path) -> None:
+    """metrics.csv to the checkpoint's row count, per-step logs to its step (a row cut off
+    mid-append dropped), other CSV files untouched."""
+    from cir_cli.engine.run_log import RunLog
+
+    (tmp_path / "metrics.csv").write_text("epoch,step,r\n0,0,1.0\n1,4,2.0\n2,8,3.0\n")
+    (tmp_path / "train_log.csv").write_text("step,loss\n1,0.5\n2,0.4\n3,0.3\n4,0.2\n5,0.")
+    (tmp_path / "notes.csv").write_text("a,b\n1,2\n")
+    RunLog(tmp_path).rewind(2, 3)
+    assert (tmp_path / "metrics.csv").read_text() == "epoch,step,r\n0,0,1.0\n1,4,2.0\n"
+    assert (tmp_path / "train_log.csv").read_text() == "step,loss\n1,0.5\n2,0.4\n3,0.3\n"
+    assert (tmp_path / "notes.csv").read_text() == "a,b\n1,2\n"
+    RunLog(tmp_path).rewind(None, 0)  # a checkpoint from before the row count: by step
+    assert (tmp_path / "metrics.csv").read_text() == "epoch,step,r\n0,0,1.0\n"

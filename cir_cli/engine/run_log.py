@@ -130,8 +130,10 @@ def _truncate_csv(path: Path, keep) -> None:
         return  # not a per-step log
     kept = [lines[0]]
     for i, line in enumerate(lines[1:]):
-        row = dict(zip(header, next(csv.reader([line])), strict=False))
-        if keep(i, row):
+        fields = next(csv.reader([line]), [])
+        if not line.endswith("\n") or len(fields) != len(header):
+            continue  # a row a kill cut off mid-append
+        if keep(i, dict(zip(header, fields, strict=True))):
             kept.append(line)
     if len(kept) != len(lines):
         with atomic_path(path) as tmp:
