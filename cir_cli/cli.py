@@ -75,13 +75,16 @@ def _quiet_third_party_logs() -> None:
     """Keep other libraries' log records off stderr (one error line is the contract).
 
     A library calling logging.error() with no handler configured makes Python print
-    `ERROR:root:...`; a NullHandler on the root logger stops that. --debug shows them.
+    `ERROR:root:...`; a NullHandler on the root logger stops that, and warnings are routed
+    into logging the same way. --debug shows them.
     """
     import logging
 
     root = logging.getLogger()
     if not root.handlers:
         root.addHandler(logging.NullHandler())
+    # Library warnings (torch, transformers UserWarnings) become log records too: off stderr.
+    logging.captureWarnings(True)
     for name in ("transformers", "huggingface_hub", "timm", "open_clip", "PIL", "matplotlib"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -158,6 +158,8 @@ from cir_cli.errors import CirError
 def noisy() -> None:
     logging.error("a library's own complaint")  # what made 'ERROR:root:...' appear
     logging.getLogger("transformers").warning("a transformers warning")
+    import warnings
+    warnings.warn("a library's UserWarning", stacklevel=1)
     raise CirError("the one line")
 
 sys.argv = ["cir", *sys.argv[1:], "noisy"]
@@ -171,3 +173,4 @@ def test_third_party_log_lines_stay_off_stderr_unless_debug() -> None:
     debug = subprocess.run([sys.executable, "-c", _NOISY, "--debug"], capture_output=True,
                            text=True)
     assert "ERROR:root:a library's own complaint" in debug.stderr
+    assert "UserWarning: a library's UserWarning" in debug.stderr
