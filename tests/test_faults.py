@@ -129,6 +129,7 @@ def test_random_sigkills_then_resume_equal_an_uninterrupted_run(small_toy: Path,
     assert len(_logs(run)["metrics.csv"].splitlines()) == 4  # header + epochs 0, 1, 2
     leftovers = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert leftovers == ["best", "last"], leftovers
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
 
 
 def test_a_step_0_checkpoint_resumes_instead_of_restarting(
@@ -419,9 +420,12 @@ def test_stale_staging_folders_are_removed_at_the_next_start(tmp_path: Path) -> 
     (root / ".last.abc123" / "weights.safetensors").write_bytes(b"half")
     (root / ".best.x").mkdir()
     (root / "last").mkdir()
+    (tmp_path / ".metrics.csv.k2j3.tmp").write_text("epoch,st")
+    (tmp_path / "metrics.csv").write_text("epoch,step\n")
     removed = remove_stale_checkpoint_temps(tmp_path)
-    assert sorted(p.name for p in removed) == [".best.x", ".last.abc123"]
+    assert sorted(p.name for p in removed) == [".best.x", ".last.abc123", ".metrics.csv.k2j3.tmp"]
     assert sorted(p.name for p in root.iterdir()) == ["last"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "metrics.csv"]
 
 
 def test_rewind_cuts_the_logs_back_to_the_checkpoint(tmp_path: Path) -> None:

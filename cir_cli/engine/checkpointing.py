@@ -44,9 +44,15 @@ def save_run_checkpoint(
 
 
 def remove_stale_checkpoint_temps(run_dir: Path) -> list[Path]:
-    """Remove `.last.*` / `.best.*` staging folders a killed run left (call at run start)."""
+    """Remove what a killed run left half-written (call at run start): `.last.*` / `.best.*`
+    staging folders and the `.<file>.*.tmp` files of atomic writes in the run folder."""
     root = Path(run_dir) / "checkpoints"
-    return [p for name in ("last", "best") for p in remove_stale_temp(root, name)]
+    removed = [p for name in ("last", "best") for p in remove_stale_temp(root, name)]
+    if Path(run_dir).is_dir():
+        for tmp in Path(run_dir).glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def _checkpoint_folder(root: Path, name: str) -> Path | None:
