@@ -46,6 +46,13 @@ def resolve_device(device: str | None) -> torch.device:
         raise CirError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise CirError(f"--device {device}: CUDA is not available on this machine")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise CirError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+            f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+        )
+    if resolved.type not in ("cpu", "cuda"):
+        raise CirError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto")
     return resolved
 
 

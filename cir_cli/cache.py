@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cir_cli.io import atomic_path, write_text_atomic
+from cir_cli.io import atomic_path, read_json, write_text_atomic
 
 ComputeFn = Callable[[list[str]], torch.Tensor]
 
@@ -48,7 +49,7 @@ class FeatureCache:
             array_file = names_file.with_suffix(".npy")
             if not array_file.is_file():
                 continue
-            names = json.loads(names_file.read_text(encoding="utf-8"))
+            names = read_json(names_file, "feature-cache shard index", list)
             for row, name in enumerate(names):
                 index[name] = (array_file, row)
         return index
@@ -87,16 +88,16 @@ class FeatureCache:
             features = compute(chunk).detach().to("cpu")
             if features.dtype == torch.bfloat16:  # numpy has no bfloat16
                 features = features.float()
-            stem = folder / f"shard-{next_id:05d}"
-            while stem.with_suffix(".json").exists():
-                next_id += 1
-                stem = folder / f"shard-{next_id:05d}"
-            with atomic_path(stem.with_suffix(".npy")) as tmp, open(tmp, "wb") as fh:
-                np.save(fh, features.numpy())
-            write_text_atomic(stem.with_suffix(".json"), json.dumps(chunk))
+            stem, claim = _claim_shard(folder, next_id)
+            try:
+                with atomic_path(stem.with_suffix(".npy")) as tmp, open(tmp, "wb") as fh:
+                    np.save(fh, features.numpy())
+                write_text_atomic(stem.with_suffix(".json"), json.dumps(chunk))
+            finally:
+                claim.unlink(missing_ok=True)
             for row, name in enumerate(chunk):
                 index[name] = (stem.with_suffix(".npy"), row)
-            next_id += 1
+            next_id = int(stem.name.split("-")[1]) + 1
         if lazy:
             return CachedRows(index, list(names))
         return self._gather(index, names)
@@ -142,6 +143,33 @@ class FeatureCache:
         for path, shard_rows in order.items():
             out[positions[path]] = arrays[path][shard_rows]
         return torch.from_numpy(out)
+
+
+def _claim_shard(folder: Path, first: int) -> tuple[Path, Path]:
+    """(stem, claim file) of a shard number no other process is writing or has written.
+
+    Two processes filling one cache folder (two `cir validate` at once) would otherwise both
+    pick the first free number and the second rename would replace the first shard's array
+    under the first one's names. The claim is created with O_EXCL (atomic on local and NFSv3+
+    file systems) and held until the shard's JSON commit marker exists; a number whose claim
+    or JSON exists is skipped. A claim left by a killed process only wastes its number.
+    """
+    n = first
+    while True:
+        stem = folder / f"shard-{n:05d}"
+        claim = stem.with_suffix(".claim")
+        if not stem.with_suffix(".json").exists():
+            try:
+                fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pass
+            else:
+                os.close(fd)
+                # Committed between our check and the claim (its claim already released)?
+                if not stem.with_suffix(".json").exists():
+                    return stem, claim
+                claim.unlink(missing_ok=True)
+        n += 1
 
 
 class CachedRows:

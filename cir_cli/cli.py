@@ -6,6 +6,7 @@ them, so `cir --help`, `cir recipes list` and shell completion answer at once.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -54,9 +55,42 @@ def cli_command(func):
         except CirError as exc:
             if _state["debug"]:
                 raise
-            fail(str(exc), exc.exit_code)
+            fail(_one_line(str(exc)), exc.exit_code)
+        except OSError as exc:
+            # Any write the system refused outside io.atomic_path (a folder creation, a
+            # library writing directly): the same one line naming the path.
+            from cir_cli.io import WRITE_ERRNOS, describe_write_error
+
+            if _state["debug"] or exc.errno not in WRITE_ERRNOS or not exc.filename:
+                raise
+            # Only a full disk or a read-only one is surely a write; EACCES may be a read.
+            writing = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+            fail(describe_write_error(exc.filename, exc, verb="write" if writing else "access"))
 
     return wrapper
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split()) if "\n" in message else message
+
+
+def _quiet_third_party_logs() -> None:
+    """Keep other libraries' log records off stderr (one error line is the contract).
+
+    A library calling logging.error() with no handler configured makes Python print
+    `ERROR:root:...`; a NullHandler on the root logger stops that, and warnings are routed
+    into logging the same way. --debug shows them.
+    """
+    import logging
+
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.NullHandler())
+    # Library warnings (torch, transformers UserWarnings) become log records too: off stderr.
+    logging.captureWarnings(True)
+    for name in ("transformers", "huggingface_hub", "timm", "open_clip", "PIL", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 @app.callback()
@@ -66,6 +100,8 @@ def _main(
 ) -> None:
     if debug:
         _state["debug"] = True
+    else:
+        _quiet_third_party_logs()
     if quiet:
         from cir_cli.progress import set_enabled
 
@@ -94,12 +130,12 @@ CkptOpt = Annotated[
 def _load(recipe: str, overrides: list[str] | None, output_dir: Path | None, device: str | None):
     from cir_cli.recipes import load_recipe
 
-    extra = list(overrides or [])
+    values: dict[str, str] = {}
     if output_dir is not None:
-        extra.append(f"output.dir={str(output_dir)!r}".replace("'", '"'))
+        values["output.dir"] = str(output_dir)
     if device is not None:
-        extra.append(f'device="{device}"')
-    return load_recipe(recipe, extra)
+        values["device"] = device
+    return load_recipe(recipe, overrides, values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,8 +220,19 @@ def prepare(
     no_images: Annotated[
         bool, typer.Option("--no-verify-images", help="Skip opening every image.")
     ] = False,
+    require: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--require",
+            help="A split that must be present (repeatable); others may be absent.",
+        ),
+    ] = None,
 ) -> None:
-    """Generate the toy dataset, or check a real dataset's layout, counts and images."""
+    """Generate the toy dataset, or check a real dataset's layout, counts and images.
+
+    An absent split (e.g. CIRR train captions for a zero-shot user) is reported, not an error;
+    exit 0 when every present split is whole, 2 when one has missing or unreadable images or
+    a --require'd split is absent."""
     console = _console()
     if dataset == "toy":
         from cir_cli.data.toy import generate_toy
@@ -205,13 +252,26 @@ def prepare(
         clip, texts = prepare_toy_lincir(root or Path("data/toy"), seed=seed)
         console.print(f"wrote {clip} and {texts}")
         return
-    from cir_cli.data import DATASETS
-    from cir_cli.data.check import REPORT_COLUMNS, check_dataset, format_report, report_problems
+    from cir_cli.data import DATASETS, get_dataset
+    from cir_cli.data.check import (
+        REPORT_COLUMNS,
+        check_dataset,
+        format_report,
+        missing_required,
+        report_absent,
+        report_problems,
+    )
 
     if dataset not in DATASETS:
         raise CirError(f"unknown dataset {dataset!r}; expected toy or one of {sorted(DATASETS)}")
     if root is None:
         raise CirError(f"`cir prepare {dataset}` needs --root <dataset folder>")
+    known = get_dataset(dataset).splits
+    for split in require or []:
+        if split not in known:
+            raise CirError(
+                f"--require {split!r}: not a {dataset} split; expected one of {', '.join(known)}"
+            )
     report = check_dataset(dataset, root, verify_images=not no_images)
     from rich.table import Table
 
@@ -221,10 +281,17 @@ def prepare(
     console.print(table)
     if report.index_path:
         console.print(f"index written to {report.index_path}")
+    for line in report_absent(report):
+        console.print(f"note: {line}")
     problems = report_problems(report)
+    for line in problems:
+        console.print(f"[yellow]{line}[/]")
+    absent = missing_required(report, require or [])
+    if absent:
+        raise CirError(
+            f"{root}: required split(s) absent: {', '.join(absent)} (see the notes above)"
+        )
     if problems:
-        for line in problems:
-            console.print(f"[yellow]{line}[/]")
         raise CirError(f"{root}: {len(problems)} problem(s) found (listed above)")
 
 

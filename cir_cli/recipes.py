@@ -397,12 +397,9 @@ def find_recipe(name_or_path: str) -> Path:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise CirError(f"{path}: invalid TOML: {exc}") from None
-    except OSError as exc:
-        raise CirError(f"{path}: cannot read recipe: {exc.strerror}") from None
+    from cir_cli.io import read_toml
+
+    return read_toml(path, "recipe")
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -452,10 +449,15 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(
+    raw: dict[str, Any], overrides: list[str], values: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """`--set key.path=value` items (TOML literals), then `values` ({'output.dir': path}) that
+    are already typed: a CLI option's value is set as given, never re-parsed as TOML."""
     result = _deep_merge({}, raw)
-    for item in overrides:
-        path, value = parse_override(item)
+    parsed = [(item, *parse_override(item)) for item in overrides]
+    parsed += [(f"{key}={value}", key.split("."), value) for key, value in (values or {}).items()]
+    for item, path, value in parsed:
         node = result
         for part in path[:-1]:
             child = node.setdefault(part, {})
@@ -548,13 +550,25 @@ def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
         raise CirError(_describe_error(exc.errors()[0], source)) from None
 
 
-def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
-    """Load a built-in name or a TOML path, apply `extends` and `--set` overrides, validate."""
+def load_recipe(
+    name_or_path: str, overrides: list[str] | None = None, values: dict[str, Any] | None = None
+) -> Recipe:
+    """Load a built-in name or a TOML path, apply `extends` and `--set` overrides, validate.
+
+    `values` are typed overrides from CLI options ({'output.dir': 'runs/it's'}), applied last.
+    """
     path = find_recipe(name_or_path)
     raw = _load_raw(path)
+    if not raw:
+        # An empty file (or one of only comments) would validate as all defaults and then fail
+        # far from its cause.
+        raise CirError(
+            f"{path}: the recipe is empty; expected at least [method], [backbone] and [data] "
+            "(or extends = \"<recipe>\"); `cir recipes cp` gives a starting point"
+        )
     raw.setdefault("name", path.stem)
     source = str(path) if not overrides else f"{path} (with --set overrides)"
-    return validate_recipe(apply_overrides(raw, overrides or []), source)
+    return validate_recipe(apply_overrides(raw, overrides or [], values), source)
 
 
 def copy_recipe(name: str, dest: Path, force: bool = False) -> Path:

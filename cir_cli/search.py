@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cir_cli.errors import CirError
-from cir_cli.io import atomic_path, write_text_atomic
+from cir_cli.io import atomic_path, read_json, read_text, require_field, write_text_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -264,9 +264,9 @@ def load_index(path: str | os.PathLike[str]) -> Index:
             f"{location}: not a cir index (expected a folder with {MANIFEST}, made by `cir index`)"
         )
     try:
-        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _corrupt(location, f"{MANIFEST} is not valid JSON: {exc}") from None
+        manifest = read_json(manifest_file, "index manifest")
+    except CirError as exc:
+        raise _corrupt(location, f"{MANIFEST} is unreadable: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
         raise _corrupt(location, f"{MANIFEST} is not a {INDEX_FORMAT} manifest")
     if manifest.get("version") != INDEX_VERSION:
@@ -288,6 +288,20 @@ def load_index(path: str | os.PathLike[str]) -> Index:
             raise KeyError(missing[0])
     except (KeyError, TypeError, ValueError) as exc:
         raise _corrupt(location, f"{MANIFEST} entry missing or malformed: {exc!r}") from None
+    # Shapes used later (a wrong type there would be a TypeError far from the file).
+    for key, kinds in (("root", str), ("recipe", dict), ("preprocessing", str),
+                       ("checkpoint", (dict, type(None))), ("base_checkpoint", (dict, type(None)))):
+        if key in manifest:
+            try:
+                require_field(manifest, key, kinds, manifest_file)
+            except CirError as exc:
+                raise _corrupt(location, str(exc)) from None
+    for key in ("checkpoint", "base_checkpoint"):
+        record = manifest.get(key)
+        if isinstance(record, dict) and not all(
+            isinstance(record.get(k), str) for k in ("path", "sha1")
+        ):
+            raise _corrupt(location, f"{MANIFEST} '{key}' needs string 'path' and 'sha1' entries")
     if Path(feat["file"]).name != feat["file"] or not feat_file.is_file():
         raise _corrupt(location, f"features file {feat['file']} is missing")
     try:
@@ -785,7 +799,7 @@ def read_queries(path: str | os.PathLike[str]) -> list[Query]:
         raise CirError(f"queries file not found: {file}")
     base = file.resolve().parent
     rows: list[tuple[int, dict[str, Any]]] = []
-    text = file.read_text(encoding="utf-8-sig")
+    text = read_text(file, "queries file", encoding="utf-8-sig")
     if file.suffix.lower() == ".json" and text.lstrip().startswith("["):
         # A JSON array of {"image", "text"} objects (what json.dump of a list writes).
         try:

@@ -56,31 +56,40 @@ def run_validation(
             "score; use `cir submit` for test splits"
         )
     run_dir = new_run_dir(recipe.output.dir, recipe.name, "validate")
-    write_manifest(
-        run_dir,
-        recipe,
-        "validate",
-        {
-            "checkpoint": model.loaded_from,
-            "split": split or recipe.eval.split,
-            "model": model.describe(),
-        },
-    )
-    write_metrics(run_dir, evaluation.metrics)
-    if split_reports is not None:
-        _write_report(run_dir, recipe, evaluation.metrics, split_reports, report, report_queries)
-    if save_rankings:
-        write_json_atomic(run_dir / "rankings.json", evaluation.rankings(), indent=None)
-        if recipe.data.dataset == "circo":
-            # The official CIRCO evaluator's input: {"<query id>": [50 unique int image ids]}.
-            from cir_cli.submission import write_circo_submission
-
-            result = evaluation.splits[0]
-            write_circo_submission(
-                run_dir / "circo_rankings.json",
-                evaluation.rankings(),
-                [t.query_id for t in result.split.triplets],
+    try:
+        write_manifest(
+            run_dir,
+            recipe,
+            "validate",
+            {
+                "checkpoint": model.loaded_from,
+                "split": split or recipe.eval.split,
+                "model": model.describe(),
+            },
+        )
+        write_metrics(run_dir, evaluation.metrics)
+        if split_reports is not None:
+            _write_report(
+                run_dir, recipe, evaluation.metrics, split_reports, report, report_queries
             )
+        if save_rankings:
+            write_json_atomic(run_dir / "rankings.json", evaluation.rankings(), indent=None)
+            if recipe.data.dataset == "circo":
+                # The official CIRCO evaluator's input: {"<query id>": [50 unique int ids]}.
+                from cir_cli.submission import write_circo_submission
+
+                result = evaluation.splits[0]
+                write_circo_submission(
+                    run_dir / "circo_rankings.json",
+                    evaluation.rankings(),
+                    [t.query_id for t in result.split.triplets],
+                )
+    except BaseException:
+        # A refused write (disk full, ...): no run folder with half its files.
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return ValidationRun(evaluation.metrics, run_dir, evaluation)
 
 
@@ -181,17 +190,13 @@ def _recipe_for_resume(recipe: Recipe | None, resume: str | None) -> Recipe:
         if recipe is None:
             raise CirError("--recipe is required (or --resume <run dir>)")
         return recipe
-    import json
-
     manifest = Path(resume).expanduser() / "manifest.json"
     if not manifest.is_file():
         raise CirError(f"--resume {resume}: not a run folder (no manifest.json)")
+    from cir_cli.io import read_json, require_field
     from cir_cli.recipes import validate_recipe
 
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))["recipe"]
-    except (json.JSONDecodeError, KeyError):
-        raise CirError(f"{manifest}: malformed manifest (no 'recipe' entry)") from None
+    data = require_field(read_json(manifest, "run manifest", dict), "recipe", dict, manifest)
     return validate_recipe(data, str(manifest))
 
 

@@ -137,3 +137,40 @@ def _sets(root: Path, out: Path) -> list[str]:
     for item in toy_overrides(root, out / "runs"):
         args += ["--set", item]
     return args
+
+
+@pytest.mark.parametrize("folder", ["runs/it's", 'runs/say "hi"', "runs/back\\slash", "runs/a=b"])
+def test_output_dir_is_taken_verbatim(folder: str) -> None:
+    """--output-dir is set as a typed value, not re-parsed as TOML (a quote once changed it)."""
+    from cir_cli import cli
+
+    assert cli._load("toy_clip4cir", None, Path(folder), None).output.dir == folder
+    assert cli._load("toy_clip4cir", None, None, "cuda:1").device == "cuda:1"
+
+
+_NOISY = """
+import logging, sys
+from cir_cli import cli
+from cir_cli.errors import CirError
+
+@cli.app.command("noisy")
+@cli.cli_command
+def noisy() -> None:
+    logging.error("a library's own complaint")  # what made 'ERROR:root:...' appear
+    logging.getLogger("transformers").warning("a transformers warning")
+    import warnings
+    warnings.warn("a library's UserWarning", stacklevel=1)
+    raise CirError("the one line")
+
+sys.argv = ["cir", *sys.argv[1:], "noisy"]
+cli.main()
+"""
+
+
+def test_third_party_log_lines_stay_off_stderr_unless_debug() -> None:
+    plain = subprocess.run([sys.executable, "-c", _NOISY], capture_output=True, text=True)
+    assert plain.returncode == 2 and plain.stderr == "error: the one line\n"
+    debug = subprocess.run([sys.executable, "-c", _NOISY, "--debug"], capture_output=True,
+                           text=True)
+    assert "ERROR:root:a library's own complaint" in debug.stderr
+    assert "UserWarning: a library's UserWarning" in debug.stderr

@@ -88,8 +88,10 @@ def test_parameter_count_at_published_dims() -> None:
 
 
 def test_combine_features_matches_hand_formula() -> None:
-    model = _combiner()
-    x_i, x_t, _ = _features(5)
+    # float64: the hand formula and the module sum in different orders (addmm vs matmul + add),
+    # and float32 rounding of that differs between CPUs; in float64 it is ~1e-15.
+    model = _combiner().double()
+    x_i, x_t, _ = (x.double() for x in _features(5))
     sd = model.state_dict()
 
     def lin(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -107,7 +109,7 @@ def test_combine_features_matches_hand_formula() -> None:
 
     with torch.no_grad():
         got = model.combine_features(x_i, x_t)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     # Argument order matters: swapping image and text gives a different query.
     with torch.no_grad():
         assert not torch.allclose(model.combine_features(x_t, x_i), got)
@@ -125,8 +127,8 @@ def test_forward_logits_use_scale_100_and_normalised_targets() -> None:
 
 
 def test_factored_pairwise_combination_matches_direct() -> None:
-    model = _combiner()
-    x_i, x_t, _ = _features(6)
+    model = _combiner().double()  # float64: factored and direct sums differ in order
+    x_i, x_t, _ = (x.double() for x in _features(6))
     with torch.no_grad():
         img = model.project_image(x_i)
         txt = model.project_text(x_t)
@@ -137,7 +139,7 @@ def test_factored_pairwise_combination_matches_direct() -> None:
         for i in range(6):
             for j in range(6):
                 direct = model.combine_features(x_i[j : j + 1], x_t[i : i + 1])[0]
-                torch.testing.assert_close(grid[i, j], direct, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(grid[i, j], direct, rtol=1e-10, atol=1e-12)
 
 
 def test_train_mode_uses_dropout() -> None:

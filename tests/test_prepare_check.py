@@ -23,6 +23,7 @@ from cir_cli.data.check import (
     REPORT_COLUMNS,
     check_dataset,
     format_report,
+    report_absent,
     report_problems,
 )
 from cir_cli.errors import CirError
@@ -138,7 +139,32 @@ def test_cirr_full_root(cirr_root: Path) -> None:
     assert index["dataset"] == "cirr" and index["missing_images"] == 0 and index["created"]
     val = next(s for s in index["splits"] if s["split"] == "val")
     assert (val["queries"], val["gallery"], val["missing"], val["unreadable"]) == (4181, 2297, 0, 0)
-    assert report_problems(report) == [f"train: absent ({report.splits[0].reason})"]
+    # An absent split is a note, not a problem (a zero-shot user downloads only val and test).
+    assert report_problems(report) == []
+    assert report_absent(report) == [f"train: absent ({report.splits[0].reason})"]
+
+
+def test_prepare_exit_codes_for_absent_splits(cirr_root: Path) -> None:
+    """exit 0 when every present split is whole; --require makes an absent split an error."""
+    from typer.testing import CliRunner
+
+    from cir_cli.cli import app
+
+    runner = CliRunner()
+    ok = runner.invoke(app, ["prepare", "cirr", "--root", str(cirr_root), "--no-verify-images"])
+    assert ok.exit_code == 0, ok.output
+    assert "train: absent" in ok.output
+    needed = runner.invoke(app, ["prepare", "cirr", "--root", str(cirr_root),
+                                 "--no-verify-images", "--require", "val", "--require", "train"])
+    assert needed.exit_code == 2
+    assert needed.stderr.strip().splitlines() == [
+        f"error: {cirr_root}: required split(s) absent: train (see the notes above)"
+    ]
+    present = runner.invoke(app, ["prepare", "cirr", "--root", str(cirr_root),
+                                  "--no-verify-images", "--require", "val"])
+    assert present.exit_code == 0, present.output
+    wrong = runner.invoke(app, ["prepare", "cirr", "--root", str(cirr_root), "--require", "dev"])
+    assert wrong.exit_code == 2 and "--require 'dev'" in wrong.stderr
 
 
 def test_fashioniq_full_root(fiq_root: Path, tmp_path: Path) -> None:
@@ -269,7 +295,7 @@ def test_index_write_failure_is_a_cir_error(tmp_path: Path) -> None:
     )
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(CirError, match="cannot write the dataset index"):
+    with pytest.raises(CirError, match=r"cannot write .*index.json: .*file is a file, not a fo"):
         check_dataset("cirr", root, out=blocker / "index.json")
     report = check_dataset("cirr", root)
     assert report.splits[1].missing == ["a"] and report.splits[1].images == 1

@@ -14,11 +14,11 @@ from collections.abc import Callable, Container, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from cir_cli.errors import CirError
-from cir_cli.io import write_json_atomic
+from cir_cli.io import read_text, write_json_atomic
 
 INDEX_NAME = ".cir_index.json"
 INDEX_FORMAT = "cir-index/1"
@@ -41,15 +41,13 @@ def read_annotation_json(path: Path, expected: type, what: str, layout: str) -> 
     """Parse one annotation file and check its top-level type; CirError naming the file."""
     if not path.is_file():
         raise CirError(f"annotation file {path} not found; expected {layout}")
+    text = read_text(path, "UTF-8 JSON annotation file")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise CirError(
             f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); expected {what}"
         ) from None
-    except (UnicodeDecodeError, OSError) as e:
-        raise CirError(f"{path}: cannot read ({e}); expected a UTF-8 JSON file") from None
     if not isinstance(data, expected):
         raise CirError(f"{path}: expected {what} at the top level, got a JSON {_json_type(data)}")
     return data
@@ -64,6 +62,18 @@ def expect_str(value: Any, where: str, what: str) -> str:
     if not isinstance(value, str):
         raise CirError(f"{where}: expected {what}, got a JSON {_json_type(value)}")
     return value
+
+
+def expect_relpath(value: Any, where: str) -> str:
+    """An image path from an annotation file: relative to the dataset root and staying inside
+    it. An absolute path or a `..` part would read (and cache, and index) files anywhere."""
+    rel = expect_str(value, where, "a relative image path string")
+    pure = PurePosixPath(rel.replace("\\", "/"))
+    if not rel or pure.is_absolute() or PureWindowsPath(rel).drive or ".." in pure.parts:
+        raise CirError(
+            f"{where}: image path {rel!r} must be relative to the dataset root, without '..'"
+        )
+    return rel
 
 
 def expect_name(value: Any, names: Container[str], where: str, split_file: Path) -> str:
@@ -282,13 +292,7 @@ def check_dataset(
     )
     if write_index:
         index = Path(out) if out is not None else root / INDEX_NAME
-        try:
-            write_json_atomic(index, report.to_json())
-        except OSError as e:
-            raise CirError(
-                f"cannot write the dataset index {index} ({e.strerror or e}); "
-                "choose another output path"
-            ) from None
+        write_json_atomic(index, report.to_json())  # a refused write: one CirError line
         report.index_path = index
     return report
 
@@ -327,12 +331,23 @@ def format_report(report: DatasetReport) -> list[tuple[str, ...]]:
     return rows
 
 
+def report_absent(report: DatasetReport) -> list[str]:
+    """One line per split (or category) whose annotation files are not there: a note, not a
+    problem (a zero-shot user downloads only val and test; see `cir prepare --require`)."""
+    return [f"{s.label}: absent ({s.reason})" for s in report.splits if s.status != "ok"]
+
+
+def missing_required(report: DatasetReport, required: Sequence[str]) -> list[str]:
+    """The `required` splits that are absent (any of their categories)."""
+    absent = {s.split for s in report.splits if s.status != "ok"}
+    return [s for s in dict.fromkeys(required) if s in absent]
+
+
 def report_problems(report: DatasetReport) -> list[str]:
-    """One line per absent split and per split with missing or unreadable images (examples)."""
+    """One line per present split with missing or unreadable images (examples)."""
     lines: list[str] = []
     for s in report.splits:
         if s.status != "ok":
-            lines.append(f"{s.label}: absent ({s.reason})")
             continue
         for kind, names in (("missing", s.missing), ("unreadable", s.unreadable)):
             if names:

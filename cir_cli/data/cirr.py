@@ -9,7 +9,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cir_cli.data.base import CIRSplit, Triplet, require_keys
-from cir_cli.data.check import expect_name, expect_str, read_annotation_json, require_root
+from cir_cli.data.check import (
+    expect_name,
+    expect_relpath,
+    expect_str,
+    read_annotation_json,
+    require_root,
+)
 from cir_cli.errors import CirError
 
 NAME = "cirr"
@@ -80,7 +86,7 @@ def load(root: Path, split: str, categories: Sequence[str] | None = None) -> lis
         split_path, dict, "an object mapping image name -> relpath", LAYOUT
     )
     for name, rel in name_to_rel.items():
-        expect_str(rel, f"{split_path} key '{name}'", "a relative image path string")
+        expect_relpath(rel, f"{split_path} key '{name}'")
     gallery = list(name_to_rel)
     base = _image_base(root, ann, next(iter(name_to_rel.values()), None))
     image_paths = {name: base / rel for name, rel in name_to_rel.items()}

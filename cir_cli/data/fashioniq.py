@@ -10,7 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cir_cli.data.base import CIRSplit, Triplet, require_keys
-from cir_cli.data.check import expect_name, expect_str, read_annotation_json, require_root
+from cir_cli.data.check import (
+    expect_name,
+    expect_relpath,
+    expect_str,
+    read_annotation_json,
+    require_root,
+)
 from cir_cli.errors import CirError
 
 NAME = "fashioniq"
@@ -89,7 +95,8 @@ def _load_category(root: Path, split: str, category: str, found: dict[str, str])
     names = read_annotation_json(split_path, list, "a list of image names", LAYOUT)
     gallery: list[str] = []
     for i, name in enumerate(names):
-        gallery.append(expect_str(name, f"{split_path} entry {i}", "an image name string"))
+        # A name becomes images/<name>.jpg: it must not leave the images folder either.
+        gallery.append(expect_relpath(name, f"{split_path} entry {i}"))
     in_split = dict.fromkeys(gallery)
     if len(in_split) != len(gallery):
         dup = next(n for i, n in enumerate(gallery) if n in gallery[:i])

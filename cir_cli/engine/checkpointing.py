@@ -12,8 +12,6 @@ the crash fell between the two renames).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import torch
 
 from cir_cli.checkpoints import load_torch_checkpoint, load_weights, save_weights
 from cir_cli.errors import CirError
+from cir_cli.io import atomic_dir, atomic_path, remove_stale_temp
 
 WEIGHTS = "weights.safetensors"
 TRAINING_STATE = "training_state.pt"
@@ -33,26 +32,27 @@ def save_run_checkpoint(
     metadata: dict[str, Any],
     training_state: dict[str, Any] | None = None,
 ) -> Path:
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / name
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-    try:
+    final = Path(run_dir) / "checkpoints" / name
+    with atomic_dir(final) as staging:
         save_weights(staging / WEIGHTS, weights, metadata)
         if training_state is not None:
-            torch.save(training_state, staging / TRAINING_STATE)
-        old = root / f"{name}.old"
-        if final.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            final.rename(old)
-        staging.rename(final)
-        if old.exists():
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            # Through a Python file object: a refused write (disk full) then surfaces as the
+            # OSError behind torch's RuntimeError, which atomic_dir reports as one line.
+            with atomic_path(staging / TRAINING_STATE) as tmp, open(tmp, "wb") as fh:
+                torch.save(training_state, fh)
     return final
+
+
+def remove_stale_checkpoint_temps(run_dir: Path) -> list[Path]:
+    """Remove what a killed run left half-written (call at run start): `.last.*` / `.best.*`
+    staging folders and the `.<file>.*.tmp` files of atomic writes in the run folder."""
+    root = Path(run_dir) / "checkpoints"
+    removed = [p for name in ("last", "best") for p in remove_stale_temp(root, name)]
+    if Path(run_dir).is_dir():
+        for tmp in Path(run_dir).glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def _checkpoint_folder(root: Path, name: str) -> Path | None:

@@ -38,6 +38,18 @@ class RunLog:
         if self.comet is not None and not math.isnan(loss):
             self.comet.log_metric("train/epoch_loss", loss, epoch=epoch)
 
+    def rewind(self, history_rows: int | None, step: int) -> None:
+        """Cut the logs back to a checkpoint: `metrics.csv` to its first `history_rows` rows
+        (rows up to `step` for a checkpoint that did not record the count), every other
+        per-step CSV log of the run folder to its rows up to `step`."""
+        if not self.enabled:
+            return
+        for path in sorted(self.run_dir.glob("*.csv")):
+            if path.name == "metrics.csv" and history_rows is not None:
+                _truncate_csv(path, lambda i, _row: i < history_rows)
+            else:
+                _truncate_csv(path, lambda _i, row: _step_of(row) <= step)
+
     def load_history(self) -> list[dict[str, float]]:
         path = self.run_dir / "metrics.csv"
         if not path.is_file():
@@ -95,6 +107,37 @@ class RunLog:
         with atomic_path(self.run_dir / "curves.png") as tmp:
             fig.savefig(tmp, format="png", dpi=80)
         plt.close(fig)
+
+
+def _step_of(row: dict[str, str]) -> float:
+    try:
+        return float(row.get("step") or "nan")
+    except ValueError:
+        return math.nan
+
+
+def _truncate_csv(path: Path, keep) -> None:
+    """Rewrite a CSV log with only the rows `keep(index, row)` accepts (atomic, text kept)."""
+    import csv
+
+    from cir_cli.io import read_text
+
+    lines = read_text(path, "CSV log").splitlines(keepends=True)
+    if not lines:
+        return
+    header = next(csv.reader(lines[:1]))
+    if path.name != "metrics.csv" and "step" not in header:
+        return  # not a per-step log
+    kept = [lines[0]]
+    for i, line in enumerate(lines[1:]):
+        fields = next(csv.reader([line]), [])
+        if not line.endswith("\n") or len(fields) != len(header):
+            continue  # a row a kill cut off mid-append
+        if keep(i, dict(zip(header, fields, strict=True))):
+            kept.append(line)
+    if len(kept) != len(lines):
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(kept), encoding="utf-8")
 
 
 def start_comet(logging_config: Any, run_dir: Path, recipe_dict: dict, project_default: str):

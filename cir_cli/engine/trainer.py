@@ -26,6 +26,7 @@ from torch import nn
 
 from cir_cli.engine.checkpointing import (
     latest_training_state,
+    remove_stale_checkpoint_temps,
     save_run_checkpoint,
 )
 from cir_cli.engine.distributed import DistInfo
@@ -236,9 +237,16 @@ class Trainer:
 
         epoch, batch_in_epoch, step = 0, 0, 0
         best_value = -math.inf
+        # Losses of the current epoch's batches so far (its mean is the epoch's train_loss).
+        losses: list[float] = []
+        resumed = False
+        if self.dist.is_main:
+            # Staging folders of a save that a kill interrupted: never read, only in the way.
+            remove_stale_checkpoint_temps(self.run_dir)
         if resume:
             state = latest_training_state(self.run_dir)
             if state is not None:
+                resumed = True
                 weights, training = state
                 task.load_trainable_state(weights)
                 optimizer.load_state_dict(training["optimizer"])
@@ -250,9 +258,17 @@ class Trainer:
                     training["step"],
                 )
                 best_value = training.get("best_value", -math.inf)
+                # A resumed epoch's train_loss averages the batches before the kill too.
+                losses = [float(v) for v in training.get("epoch_losses", [])]
+                # The logs may hold rows written after this checkpoint (a kill between a row
+                # and the next save): cut them back to what the checkpoint has seen, so the
+                # continuation writes them again exactly as an uninterrupted run would.
+                self.log.rewind(training.get("history_rows"), step)
                 result.history = self.log.load_history()
                 _set_rng_state(training["rng"])
                 self.log.info(f"resumed from step {step} (epoch {epoch}, batch {batch_in_epoch})")
+            else:
+                self.log.rewind(0, -1)  # killed before its first checkpoint: start the logs anew
 
         def training_state() -> dict[str, Any]:
             return {
@@ -262,6 +278,9 @@ class Trainer:
                 "batch_in_epoch": batch_in_epoch,
                 "step": step,
                 "best_value": best_value,
+                # metrics.csv rows this state has written (rewound to this on resume).
+                "history_rows": len(result.history),
+                "epoch_losses": list(losses),
                 "rng": _rng_state(),
             }
 
@@ -295,15 +314,19 @@ class Trainer:
                 "step": step,
                 "metrics": metrics,
             }
-            save_run_checkpoint(
-                self.run_dir, "last", task.trainable_state(), meta, training_state()
-            )
+            # `best` before `last`: the `last` state then records the updated best value, and
+            # a kill between the two saves repeats this validation (same weights, same `best`).
             if candidate and value > best_value:
                 best_value = value
                 result.best = row
                 save_run_checkpoint(self.run_dir, "best", task.trainable_state(), meta)
+            save_run_checkpoint(
+                self.run_dir, "last", task.trainable_state(), meta, training_state()
+            )
 
-        fresh = step == 0 and batch_in_epoch == 0 and epoch == 0
+        # A run resumed from its step-0 checkpoint (saved after the first validation) continues
+        # from that state; only a run with no checkpoint starts afresh.
+        fresh = not resumed
         if fresh:
             # Seeded here, not only before the task was built: building it may have encoded
             # images (cold cache) or not (warm), and training (dropout, random tokens) must
@@ -323,7 +346,6 @@ class Trainer:
             task.set_epoch(epoch)
             loader = self._loader(sampler)
             task.set_train_mode()
-            losses: list[float] = []
             started = time.perf_counter()
             seen = 0
             remaining = batches_per_epoch - batch_in_epoch
@@ -334,9 +356,15 @@ class Trainer:
                         device_type=self.device.type, dtype=amp_dtype, enabled=amp_on
                     ):
                         loss, parts = loss_module(batch)
+                    loss_value = float(loss.detach())
+                    if not math.isfinite(loss_value):
+                        # Stop before the step corrupts the weights; `last` stays the last good
+                        # state. (fp16 GradScaler overflows are in the gradients, not the loss:
+                        # the scaler still skips those steps.)
+                        self._non_finite_loss(step + 1, loss_value, parts)
                     scaler.scale(loss / s.grad_accum).backward()
                     batch_in_epoch += 1
-                    losses.append(float(loss.detach()))
+                    losses.append(loss_value)
                     seen += s.batch_size
                     if batch_in_epoch % s.grad_accum == 0:
                         factor = lr_factor(step, schedule_steps, s, base_lrs[0])
@@ -384,6 +412,7 @@ class Trainer:
                             break
             result.epoch_seconds.append(time.perf_counter() - started)
             epoch_loss = float(np.mean(losses)) if losses else float("nan")
+            losses = []
             epoch += 1
             batch_in_epoch = 0
             self.log.epoch(epoch, epoch_loss)
@@ -392,3 +421,13 @@ class Trainer:
                 validate_and_save(epoch, epoch_loss)
         result.steps = step
         return result
+
+    def _non_finite_loss(self, step: int, value: float, parts: dict[str, float]) -> None:
+        from cir_cli.engine.checkpointing import _checkpoint_folder
+        from cir_cli.errors import CirError
+
+        bad = [k for k, v in parts.items() if isinstance(v, float) and not math.isfinite(v)]
+        terms = f" (non-finite term: {', '.join(bad)})" if bad else ""
+        last = _checkpoint_folder(self.run_dir / "checkpoints", "last")
+        kept = f"; last good checkpoint kept: {last}" if last else "; no checkpoint was saved yet"
+        raise CirError(f"training stopped at step {step}: the loss is {value}{terms}{kept}")

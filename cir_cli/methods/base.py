@@ -169,21 +169,29 @@ class CIRMethod(nn.Module):
 
     # -- checkpoints -----------------------------------------------------------------------
 
-    def load_checkpoint(self, path: str) -> None:
+    def load_checkpoint(self, path: str, _chain: tuple[Path, ...] = ()) -> None:
         """Load trained weights: our checkpoints (a run dir, a checkpoint dir or the
         .safetensors of the trained tensors) or a file in the method's published layout."""
         from cir_cli.checkpoints import is_safetensors, load_weights
         from cir_cli.engine.checkpointing import resolve_weights_file
         from cir_cli.engine.common import load_named_state
+        from cir_cli.errors import CirError
 
         file = resolve_weights_file(path)
         if not is_safetensors(file):
             self.import_published(file)
             return
+        here = file.resolve()
+        if here in _chain:
+            # A hand-edited or copied sidecar can name itself (or an earlier link) as its base.
+            cycle = " -> ".join(str(p) for p in (*_chain, here))
+            raise CirError(f"{_chain[-1]}: base_checkpoint forms a cycle: {cycle}")
         state, meta = load_weights(file)
         base = meta.get("base_checkpoint")
+        if base is not None and not isinstance(base, str):
+            raise CirError(f"{file}: base_checkpoint must be a path (a string), got {base!r}")
         if base:  # a stage-II checkpoint names the stage-I weights it was trained on
-            self.load_checkpoint(base)
+            self.load_checkpoint(base, (*_chain, here))
         self.prepare_for_state(state, str(file))
         load_named_state(self, state, str(file))
 

@@ -251,14 +251,14 @@ class Cala(CIRMethod):
 
     # -- checkpoints -----------------------------------------------------------------------
 
-    def load_checkpoint(self, path: str) -> None:
+    def load_checkpoint(self, path: str, _chain: tuple[Path, ...] = ()) -> None:
         """Our checkpoints (run / checkpoint dir, .safetensors of the trained tensors), or
         CaLa's saved files: its `saved_models/` folder, or one of its `.pt` files."""
         folder = Path(path).expanduser()
         if folder.is_dir() and any(folder.glob("tuned_*.pt")):
             self.import_cala_folder(folder)
         else:
-            super().load_checkpoint(path)
+            super().load_checkpoint(path, _chain)
 
     def import_published(self, file: Path) -> None:
         self.import_cala_file(file)

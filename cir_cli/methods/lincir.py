@@ -254,7 +254,9 @@ class CaptionFeatureStore:
     def done(self) -> int:
         if not (self.progress_path.is_file() and self.array_path.is_file()):
             return 0
-        info = json.loads(self.progress_path.read_text(encoding="utf-8"))
+        from cir_cli.io import read_json
+
+        info = read_json(self.progress_path, "text-feature progress file", dict)
         if info.get("key") != self.key or info.get("rows") != self.rows:
             return 0
         return int(info.get("done", 0))
@@ -271,7 +273,7 @@ class CaptionFeatureStore:
             np.lib.format.open_memmap(
                 self.array_path, mode="w+", dtype=self.dtype, shape=(self.rows, self.dim)
             ).flush()
-            (self.folder / "key.txt").write_text(self.key + "\n", encoding="utf-8")
+            write_text_atomic(self.folder / "key.txt", self.key + "\n")
         array = np.lib.format.open_memmap(self.array_path, mode="r+")
         with progress_bar(description, self.rows - start) as advance:
             for lo in range(start, self.rows, chunk):
