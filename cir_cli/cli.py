@@ -266,7 +266,7 @@ def validate(
         use_cache=not no_cache,
     )
     _print_metrics(result.metrics, f"{cfg.name} on {cfg.data.dataset} {split or cfg.eval.split}")
-    _console().print(f"results in {result.run_dir}")
+    _console().print(f"results in {result.run_dir}", soft_wrap=True)
 
 
 def _train(stage, recipe, overrides, output_dir, device, resume) -> None:
@@ -281,7 +281,9 @@ def _train(stage, recipe, overrides, output_dir, device, resume) -> None:
             {k: v for k, v in result.best.items() if k not in ("step",)},
             f"best validation ({stage})",
         )
-    _console().print(f"run folder: {result.run_dir}  (best: {result.run_dir}/checkpoints/best)")
+    _console().print(
+        f"run folder: {result.run_dir}  (best: {result.run_dir}/checkpoints/best)", soft_wrap=True
+    )
 
 
 ResumeOpt = Annotated[

@@ -290,7 +290,14 @@ class LoggingConfig(_Section):
     project: str | None = None
     workspace: str | None = None
     experiment_name: str | None = None
+    # Comet's per-step scalars every N optimizer steps.
     log_every: int = Field(10, ge=1)
+    # Off a terminal (sbatch, nohup, `| tee`): one plain progress line every N optimizer steps
+    # (None = log_every) and at least every `every_seconds`. train_log.csv gets every step.
+    every_steps: int | None = Field(None, ge=1)
+    every_seconds: float = Field(300.0, gt=0)
+    # TensorBoard event files in <run>/tensorboard (needs `pip install 'cir-cli[tensorboard]'`).
+    tensorboard: bool = False
 
 
 class OutputConfig(_Section):

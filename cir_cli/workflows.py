@@ -237,9 +237,19 @@ def run_training(
             save_every_steps=cfg.save_every_steps,
             stop_after_steps=stop_after_steps,
         )
-        log = RunLog(run_dir, enabled=dist_info.is_main, comet=comet)
+        log = RunLog(
+            run_dir,
+            enabled=dist_info.is_main,
+            comet=comet,
+            every_steps=recipe.logging.every_steps or recipe.logging.log_every,
+            every_seconds=recipe.logging.every_seconds,
+            tensorboard=recipe.logging.tensorboard,
+        )
         trainer = Trainer(task, settings, run_dir, device, dist_info, log)
-        result = trainer.fit(resume=resume is not None)
+        try:
+            result = trainer.fit(resume=resume is not None)
+        finally:
+            log.close()
         if comet is not None:
             comet.end()
         return TrainingRun(run_dir, result.best, result.history, result.steps, result.stopped_early)
