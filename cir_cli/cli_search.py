@@ -12,7 +12,19 @@ from typing import Annotated
 
 import typer
 
-from cir_cli.cli import CkptOpt, DeviceOpt, SetOpt, _console, _load, app, cli_command
+from cir_cli.cli import (
+    CkptOpt,
+    DeviceOpt,
+    DryRunOpt,
+    SetOpt,
+    _console,
+    _load,
+    _print_dry_run,
+    _resolve_and_say,
+    app,
+    cli_command,
+    complete_recipe,
+)
 from cir_cli.errors import CirError
 
 # How many unreadable files the summary names before it gives a count.
@@ -49,7 +61,12 @@ def index(
     folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
     recipe: Annotated[
         str | None,
-        typer.Option("--recipe", "-r", help="Recipe of the model (not needed with --update)."),
+        typer.Option(
+            "--recipe",
+            "-r",
+            help="Recipe of the model (not needed with --update).",
+            autocompletion=complete_recipe,
+        ),
     ] = None,
     overrides: SetOpt = None,
     checkpoint: CkptOpt = None,
@@ -67,8 +84,20 @@ def index(
     num_workers: Annotated[
         int | None, typer.Option("--num-workers", min=0, help="Default: data.num_workers.")
     ] = None,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Encode a folder of images into a searchable index (or --update one)."""
+    if dry_run:
+        if recipe is None:
+            raise CirError("--dry-run needs --recipe")
+        from cir_cli.preflight import run_preflight
+
+        cfg = _load(recipe, overrides, None, device)
+        report = run_preflight(
+            cfg, "index", checkpoint=checkpoint, folder=folder, out=None if update else out
+        )
+        _print_dry_run(report)
+        return
     from cir_cli import search as lib
 
     if update is not None:
@@ -77,6 +106,8 @@ def index(
         cfg = _load(recipe, overrides, None, None) if recipe else None
         if overrides and cfg is None:
             raise CirError("--set needs --recipe (with --update the index's recipe is used)")
+        if cfg is not None:
+            cfg, checkpoint = _resolve_and_say(cfg, checkpoint)
         summary = lib.update_index(folder, update, cfg, checkpoint, device, batch_size, num_workers)
         _print_summary(summary, "updated")
         return
@@ -85,6 +116,8 @@ def index(
     if out is None:
         raise CirError("--out <name>.cirindex is required (or --update <index>)")
     cfg = _load(recipe, overrides, None, None)
+    # `latest` (the recipe's newest run) and hf:// work here as in validate and submit.
+    cfg, checkpoint = _resolve_and_say(cfg, checkpoint)
     summary = lib.build_index(folder, cfg, out, checkpoint, device, batch_size, num_workers)
     _print_summary(summary, "indexed")
 

@@ -15,12 +15,16 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from cir_cli.checkpoints import load_torch_checkpoint, load_weights, save_weights
 from cir_cli.errors import CirError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a checkpoint is written: `latest` resolution (preflight, `cir runs`)
+# must not pay for it.
 
 WEIGHTS = "weights.safetensors"
 TRAINING_STATE = "training_state.pt"
@@ -40,6 +44,8 @@ def save_run_checkpoint(
     try:
         save_weights(staging / WEIGHTS, weights, metadata)
         if training_state is not None:
+            import torch
+
             torch.save(training_state, staging / TRAINING_STATE)
         old = root / f"{name}.old"
         if final.exists():
@@ -117,7 +123,12 @@ def latest_run(output_dir: str | Path, recipe_name: str, stages: tuple[str, ...]
 def resolve_checkpoint_ref(
     ref: str | None, output_dir: str | Path, recipe_name: str, stages: tuple[str, ...]
 ) -> str | None:
-    """`latest` -> the newest matching run folder; anything else unchanged."""
+    """`latest` -> the newest matching run folder; `hf://org/repo/file` -> the file in the hub
+    cache (downloaded when online); anything else unchanged."""
+    if ref is not None and ref.startswith("hf://"):
+        from cir_cli.weights import fetch_hf
+
+        return str(fetch_hf(ref))
     if ref != "latest":
         return ref
     return str(latest_run(output_dir, recipe_name, stages))

@@ -68,9 +68,7 @@ def plot_curves(run_dir: Path, selection_metric: str) -> Path:
         losses = [r["loss"] for r in steps]
         ax_loss.plot(xs, losses, color="tab:blue", alpha=0.25, lw=0.8, label="loss (per step)")
         ax_loss.plot(xs, smooth(losses, span), color="tab:blue", lw=1.8, label=f"loss (EMA {span})")
-        terms = [
-            k for k in steps[0] if k not in _NOT_TERMS and not k.startswith("lr_")
-        ]
+        terms = [k for k in steps[0] if k not in _NOT_TERMS and not k.startswith("lr_")]
         for key in terms:
             ax_loss.plot(xs, smooth([r.get(key) for r in steps], span), lw=1, ls="--", label=key)
         lr_keys = [k for k in steps[0] if k.startswith("lr_")]
@@ -95,8 +93,12 @@ def plot_curves(run_dir: Path, selection_metric: str) -> Path:
         ax_sel.plot(xs, [r[selection_metric] for r in rows], marker="o", color="tab:green")
         if best is not None:
             ax_sel.plot(
-                [best["step"]], [best[selection_metric]], marker="*", markersize=18,
-                color="tab:red", ls="none",
+                [best["step"]],
+                [best[selection_metric]],
+                marker="*",
+                markersize=18,
+                color="tab:red",
+                ls="none",
                 label=f"best {best[selection_metric]:.2f} (epoch {int(best['epoch'])}, "
                 f"step {int(best['step'])})",
             )

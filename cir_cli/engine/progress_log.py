@@ -21,6 +21,8 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import math
+import os
+import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +30,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 TRAIN_LOG = "train_log.csv"
+# Where the run stands (step, planned steps, pid / host, finished): what `cir runs` reads.
+PROGRESS = "progress.json"
 # Columns every row has, in this order; loss terms and per-group lrs follow.
 BASE_COLUMNS = ("step", "epoch", "loss")
 
@@ -120,6 +124,14 @@ class StepLog:
         self._started = started if started is not None else time.monotonic()
         self._elapsed_before = 0.0
         self._last_line = -math.inf
+        self._last_state = -math.inf
+        self.state: dict[str, Any] = {
+            "stage": stage,
+            "pid": os.getpid(),
+            "host": platform.node(),
+            "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "finished": False,
+        }
         self._tb = self._open_tensorboard() if tensorboard else None
 
     @property
@@ -203,11 +215,24 @@ class StepLog:
             or (rec.total_steps and rec.step >= rec.total_steps)
             or now - self._last_line >= self.every_seconds
         )
+        if due or now - self._last_state >= 30:
+            self._last_state = now
+            self.state.update(
+                step=rec.step, total_steps=rec.total_steps, epoch=rec.epoch + 1, epochs=rec.epochs
+            )
+            self.write_state()
         if due and self._show_lines():
             self._last_line = now
             stream = self.stream if self.stream is not None else sys.stderr
             stream.write(rec.line(self.stage) + "\n")
             stream.flush()
+
+    def write_state(self, **values: Any) -> None:
+        from cir_cli.io import write_json_atomic
+
+        self.state.update(values)
+        self.state["updated"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+        write_json_atomic(self.run_dir / PROGRESS, self.state)
 
     def validation(self, row: dict[str, Any]) -> None:
         if self._tb is None:
@@ -218,7 +243,9 @@ class StepLog:
                 self._tb.add_scalar(f"val/{key}", value, step)
         self._tb.flush()
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
+        if "step" in self.state:
+            self.write_state(finished=finished)
         if self._file is not None:
             self._file.close()
             self._file, self._writer = None, None
@@ -234,4 +261,3 @@ def peak_gpu_bytes(device: Any) -> int | None:
     import torch
 
     return int(torch.cuda.max_memory_allocated(device))
-

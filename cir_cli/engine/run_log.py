@@ -38,6 +38,7 @@ class RunLog:
         self.steps: StepLog | None = None
         self._resume_checked = False
         self._created = time.monotonic()
+        self._selection: str | None = None
 
     def info(self, message: str) -> None:
         if self.enabled:
@@ -77,6 +78,8 @@ class RunLog:
                 tensorboard=self.tensorboard,
                 started=self._created,
             )
+            if self._selection:
+                self.steps.state["selection_metric"] = self._selection
         if not self._resume_checked:
             # A resumed run starts after its checkpoint: rows logged past it are repeated now.
             self._resume_checked = True
@@ -98,9 +101,10 @@ class RunLog:
         if step % comet_every == 0:
             self.step(step, {"loss": loss, "lr": lrs[0] if lrs else 0.0, **terms})
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
+        """End of training: progress.json says whether the run finished (`cir runs`)."""
         if self.steps is not None:
-            self.steps.close()
+            self.steps.close(finished)
 
     def epoch(self, epoch: int, loss: float) -> None:
         if not self.enabled:
@@ -123,11 +127,13 @@ class RunLog:
             return
         import pandas as pd
 
+        self._selection = selection_metric
         self.history.append(row)
         with atomic_path(self.run_dir / "metrics.csv") as tmp:
             pd.DataFrame(self.history).to_csv(tmp, index=False)
         if self.steps is not None:
             self.steps.validation(row)
+            self.steps.write_state(selection_metric=selection_metric)
         if self.comet is not None:
             self.comet.log_metrics(
                 {f"val/{k}": v for k, v in row.items() if k not in ("epoch", "step")},
