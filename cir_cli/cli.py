@@ -193,7 +193,8 @@ def recipes_show(
     recipe = load_recipe(name, overrides)
     header = header_comment(find_recipe(name))
     text = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
-    typer.echo(text + ("\n" if text else "") + to_toml(recipe.to_dict()), nl=False)
+    body = to_toml(recipe.to_dict(), unset_as_comments=True)
+    typer.echo(text + ("\n" if text else "") + body, nl=False)
 
 
 @recipes_app.command("cp")
@@ -291,10 +292,36 @@ def prepare(
 
 
 def _print_metrics(metrics: dict[str, float], title: str) -> None:
+    """One metric per row; FashionIQ's per-category recalls as a category x R@10/R@50 grid."""
     from rich.table import Table
 
-    table = Table("metric", "value", title=title, header_style="bold")
-    for key, value in metrics.items():
+    suffix10, suffix50 = "_recall_at10", "_recall_at50"
+    cats = [
+        k.removesuffix(suffix10)
+        for k in metrics
+        if k.endswith(suffix10)
+        and k != "average" + suffix10
+        and k.removesuffix(suffix10) + suffix50 in metrics
+    ]
+    shown: set[str] = set()
+    if cats:
+        grid = Table("category", "R@10", "R@50", "mean", title=title, header_style="bold")
+        for cat in [*cats, "average"]:
+            r10, r50 = metrics.get(cat + suffix10), metrics.get(cat + suffix50)
+            if r10 is None or r50 is None:
+                continue
+            shown.update({cat + suffix10, cat + suffix50})
+            style = "bold" if cat == "average" else None
+            grid.add_row(cat, f"{r10:.2f}", f"{r50:.2f}", f"{(r10 + r50) / 2:.2f}", style=style)
+        _console().print(grid)
+        if "average_recall" in metrics:
+            shown.add("average_recall")
+            _console().print(f"average_recall {metrics['average_recall']:.2f}  (selection metric)")
+    rest = {k: v for k, v in metrics.items() if k not in shown}
+    if not rest:
+        return
+    table = Table("metric", "value", title=None if cats else title, header_style="bold")
+    for key, value in rest.items():
         table.add_row(key, f"{value:.2f}")
     _console().print(table)
 

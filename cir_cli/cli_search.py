@@ -133,6 +133,14 @@ def _results_table(result, title: str):
     return table
 
 
+def _target_line(res, k: int, gallery: int) -> str:
+    name = res.query.target.name
+    if res.gallery_rank is None:
+        return f"target {name}: not in the index"
+    where = "in the top" if res.gallery_rank <= k else "outside the top"
+    return f"target {name}: rank {res.gallery_rank} of {gallery} ({where} {k})"
+
+
 @app.command()
 @cli_command
 def search(
@@ -141,6 +149,10 @@ def search(
         Path | None, typer.Option("--image", "-i", help="Reference (query) image.")
     ] = None,
     text: Annotated[str | None, typer.Option("--text", "-t", help="Modification text.")] = None,
+    target: Annotated[
+        Path | None,
+        typer.Option("--target", help="The image you expect: its rank is printed, also beyond k."),
+    ] = None,
     k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Results per query.")] = 12,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (JSONL with --queries).")] = (
         False
@@ -176,9 +188,9 @@ def search(
     if queries is None:
         if image is None or text is None:
             raise CirError("give --image and --text (or --queries <file.csv|jsonl>)")
-        batch = [lib.Query(image, text)]
+        batch = [lib.Query(image, text, target.expanduser().resolve() if target else None)]
     else:
-        if image is not None or text is not None:
+        if image is not None or text is not None or target is not None:
             raise CirError("--queries cannot be combined with --image/--text")
         batch = lib.read_queries(queries)
     lib.check_query_images(batch)
@@ -208,19 +220,26 @@ def search(
         res = results[0]
         title = escape(f"{res.query.image.name} + “{res.query.text}”")
         console.print(_results_table(res, title))
+        if res.query.target is not None:
+            console.print(_target_line(res, k, len(idx.files)), soft_wrap=True, markup=False)
     else:
         from rich.table import Table
 
-        table = Table("#", "image", "text", "top hit", "score", header_style="bold")
+        labelled = any(r.query.target is not None for r in results)
+        columns = ["#", "image", "text", "top hit", "score"] + (["target rank"] if labelled else [])
+        table = Table(*columns, header_style="bold")
         for n, res in enumerate(results[:_QUERIES_SHOWN], 1):
             top = res.hits[0] if res.hits else None
-            table.add_row(
+            row = [
                 str(n),
                 escape(res.query.image.name),
                 escape(res.query.text),
                 escape(top.path.name) if top else "-",
                 f"{top.score:.4f}" if top else "-",
-            )
+            ]
+            if labelled:
+                row.append(str(res.gallery_rank) if res.gallery_rank else "-")
+            table.add_row(*row)
         console.print(table)
         if len(results) > _QUERIES_SHOWN:
             more = len(results) - _QUERIES_SHOWN

@@ -255,9 +255,22 @@ def _check_data(report: Preflight, recipe: Any, splits: list[str]) -> int:
     return images
 
 
+def _nvidia_driver() -> bool:
+    """Whether an NVIDIA driver is visible, without importing torch (seconds on a CPU node)."""
+    return Path("/proc/driver/nvidia/gpus").is_dir() or Path("/dev/nvidiactl").exists()
+
+
 def _check_device(report: Preflight, device: str) -> None:
     if device == "cpu":
         report.ok("device cpu")
+        return
+    if not _nvidia_driver():
+        if device == "auto":
+            report.ok("device auto -> cpu (no NVIDIA driver visible)")
+        elif device.startswith("cuda"):
+            report.bad(f"device {device}: no NVIDIA driver visible on this machine")
+        else:
+            report.ok(f"device {device}")
         return
     import torch
 

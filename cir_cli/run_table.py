@@ -93,6 +93,11 @@ def _status(progress: dict[str, Any] | None, run_dir: Path) -> str:
     return "running" if age < STALE_SECONDS else "interrupted"
 
 
+def _last_step(history: list[dict[str, Any]]) -> int | None:
+    steps = [r["step"] for r in history if isinstance(r.get("step"), float)]
+    return int(max(steps)) if steps else None
+
+
 def run_info(run_dir: Path) -> RunInfo | None:
     """What one run folder holds (None: not a run folder)."""
     manifest = _read_json(run_dir / "manifest.json")
@@ -106,6 +111,11 @@ def run_info(run_dir: Path) -> RunInfo | None:
     metric = (progress or {}).get("selection_metric") or (recipe.get("eval") or {}).get(
         "selection_metric"
     )
+    if metric is None and training and history:
+        # A run from before progress.json: the dataset's default (imports torch, rarely).
+        from cir_cli.evaluation import SELECTION_METRIC
+
+        metric = SELECTION_METRIC.get((recipe.get("data") or {}).get("dataset"))
     best = best_epoch = None
     if metric and history:
         rows = [r for r in history if isinstance(r.get(metric), float)]
@@ -126,14 +136,14 @@ def run_info(run_dir: Path) -> RunInfo | None:
     else:
         ckpt = manifest.get("checkpoint") or {}
         base = ckpt.get("checkpoint") or ckpt.get("finetune") if isinstance(ckpt, dict) else ckpt
-        done = any(run_dir.glob("metrics.json")) or any(run_dir.glob("*.json*"))
+        done = (run_dir / "metrics.json").is_file() or any(run_dir.glob("*submission*.json"))
         status = "finished" if done else "interrupted"
     return RunInfo(
         path=run_dir,
         recipe=recipe.get("name") or "?",
         stage=command,
         started=str(manifest.get("created", "?")),
-        step=(progress or {}).get("step"),
+        step=(progress or {}).get("step", _last_step(history) if training else None),
         total_steps=(progress or {}).get("total_steps"),
         status=status,
         selection_metric=metric,
@@ -248,7 +258,6 @@ def _cell(value: Any) -> str:
 
 
 def format_compare(result: dict[str, Any]) -> list[str]:
-    a, b = (Path(p).name for p in result["runs"])
     lines = [f"A = {result['runs'][0]}", f"B = {result['runs'][1]}", ""]
     rows = [
         ("status", *(i["status"] for i in result["info"])),
@@ -271,5 +280,4 @@ def format_compare(result: dict[str, Any]) -> list[str]:
         widths = [max(len(str(r[c])) for r in table) for c in range(3)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         lines += [fmt.format(*r).rstrip() for r in table] + [""]
-    del a, b
     return lines[:-1]

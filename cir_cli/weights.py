@@ -479,6 +479,17 @@ def _entry_by_tag(arch: str, tag: str) -> WeightFile | None:
     return next((e for e in WEIGHTS if e.open_clip == (arch, tag)), None)
 
 
+def missing_hint(value: str) -> str:
+    """"; make it with `cir prepare ...`" for files the toy commands make, else ""."""
+    entry = _entry_by_file(value)
+    return f"; make it with `{entry.make}`" if entry is not None and entry.make else ""
+
+
+def looks_local(value: str) -> bool:
+    """Public form of the path-or-hub-id rule (backbones use it for their error messages)."""
+    return _looks_local(value)
+
+
 def _set_line(key: str, value: str) -> str:
     if key == "--checkpoint":
         return f"--checkpoint {value}"
