@@ -51,6 +51,19 @@ def best_row(history: list[dict], selection_metric: str) -> dict | None:
 
 
 def plot_curves(run_dir: Path, selection_metric: str) -> Path:
+    """Write <run_dir>/curves.png (atomically)."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(run_dir, selection_metric)
+    path = Path(run_dir) / "curves.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    return path
+
+
+def curves_figure(run_dir: Path, selection_metric: str):
+    """The figure: loss, lr, selection metric (best starred), other validation metrics."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,8 +128,4 @@ def plot_curves(run_dir: Path, selection_metric: str) -> Path:
     ax_val.set(title="validation metrics", xlabel="optimizer step", ylabel="%")
     fig.suptitle(run_dir.name, fontsize=10)
     fig.tight_layout()
-    path = run_dir / "curves.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    return path
+    return fig
