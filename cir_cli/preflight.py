@@ -170,8 +170,9 @@ def run_preflight(
         text = f"{item.key} = {item.value or '(none)'}: {item.detail or item.status}"
         if item in bad:
             hint = ""
-            if item.entry is not None and item.entry.url and not item.entry.make:
-                hint = f" (source: {item.entry.url})"
+            entry = item.entry
+            if entry is not None and entry.url and not entry.make and entry.url not in text:
+                hint = f" (source: {entry.url})"
             report.bad(text + hint)
         else:
             report.ok(text)
