@@ -257,6 +257,11 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _value(value: Any) -> str:
+    """A recipe value as written (1e-05 stays 1e-05, not a rounded 0.00)."""
+    return "-" if value is None else str(value)
+
+
 def format_compare(result: dict[str, Any]) -> list[str]:
     lines = [f"A = {result['runs'][0]}", f"B = {result['runs'][1]}", ""]
     rows = [
@@ -271,7 +276,7 @@ def format_compare(result: dict[str, Any]) -> list[str]:
     ]
     diff = result["recipe_differences"]
     lines_rows = [("recipe key (differences only)", "A", "B")]
-    lines_rows += [(k, _cell(v[0]), _cell(v[1])) for k, v in diff.items()] or [
+    lines_rows += [(k, _value(v[0]), _value(v[1])) for k, v in diff.items()] or [
         ("(none: same resolved recipe)", "", "")
     ]
     metric_rows = [("metric (best validation)", "A", "B")] + rows
