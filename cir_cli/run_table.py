@@ -269,7 +269,7 @@ def format_compare(result: dict[str, Any]) -> list[str]:
         (
             "steps",
             *(
-                f"{i['step']}/{i['total_steps']}" if i["step"] is not None else "-"
+                f"{i['step']}/{i['total_steps'] or '?'}" if i["step"] is not None else "-"
                 for i in result["info"]
             ),
         ),
