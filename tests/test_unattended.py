@@ -197,3 +197,17 @@ def test_tensorboard_events(tmp_path: Path) -> None:
     log.validation({"epoch": 1, "step": 1, "mean_r5_rs1": 12.0})
     log.close()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_line_shows_peak_gpu_memory_on_cuda() -> None:
+    """The formatting of the CUDA field (no GPU here: peak_gpu_bytes is None off CUDA)."""
+    import torch
+
+    from cir_cli.engine.progress_log import StepRecord, peak_gpu_bytes
+
+    assert peak_gpu_bytes(torch.device("cpu")) is None
+    rec = StepRecord(3, 0, 0, 0, 1.0, {}, [1e-4, 1e-4, 2e-4], 5.0, 1.0, 3 * 2**30)
+    line = rec.line("finetune")
+    assert line.endswith("peak gpu 3.0 GiB")
+    assert "step 3/? " in line and "epoch 1/? " in line and "eta" not in line  # steps unknown
+    assert "lr 1.00e-04/2.00e-04 " in line  # equal group lrs shown once
