@@ -464,9 +464,14 @@ def _looks_local(value: str) -> bool:
 
 
 def _entry_by_file(value: str) -> WeightFile | None:
+    """The row of a local file, by name: its `local` path or, for a file downloaded from a
+    direct URL (OpenAI's RN50x4.pt), the URL's last part."""
     name = Path(value).name
     for entry in WEIGHTS:
         if entry.local and Path(entry.local).name == name:
+            return entry
+    for entry in WEIGHTS:
+        if entry.url and entry.url.endswith(".pt") and Path(entry.url).name == name:
             return entry
     return None
 

@@ -249,3 +249,14 @@ def test_get_rejects_a_file_that_does_not_match_its_published_hash(
     assert got.returncode == 2
     assert "lincir_large.pt" in got.stderr and "does not match" in got.stderr
     assert "published 56,653,151 B" in got.stderr
+
+
+def test_a_downloaded_openai_file_is_checked_against_the_url_hash(isolated: Path) -> None:
+    path = isolated / "RN50x4.pt"
+    path.write_bytes(b"truncated download")
+    result = runner.invoke(
+        app, ["weights", "check", "clip4cir_fiq", "--set", f"backbone.pretrained={path}"]
+    )
+    assert result.exit_code == 2
+    assert "[MISMATCH] backbone.pretrained" in result.output
+    assert "SHA256" in result.output and "published 7e526bd135e4" in result.output
