@@ -77,11 +77,12 @@ def load_model(
     from cir_cli.methods import build_method
 
     resolved = resolve_recipe(recipe, overrides)
-    if resolved.finetune.checkpoint == "latest":
+    base = resolve_checkpoint_ref(
+        resolved.finetune.checkpoint, resolved.output.dir, resolved.name, ("finetune",)
+    )
+    if base != resolved.finetune.checkpoint:  # `latest` or hf://
         resolved = resolved.model_copy(deep=True)
-        resolved.finetune.checkpoint = resolve_checkpoint_ref(
-            "latest", resolved.output.dir, resolved.name, ("finetune",)
-        )
+        resolved.finetune.checkpoint = base
     checkpoint = resolve_checkpoint_ref(
         None if checkpoint is None else str(checkpoint),
         resolved.output.dir,

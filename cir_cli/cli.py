@@ -93,10 +93,29 @@ def _quiet_third_party_logs() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def complete_recipe(incomplete: str) -> list[str]:
+    """Shell completion of built-in recipe names (`cir --install-completion` sets it up)."""
+    from cir_cli.recipes import builtin_names
+
+    return [name for name in builtin_names() if name.startswith(incomplete)]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from cir_cli import __version__
+
+        typer.echo(f"cir {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
 ) -> None:
     if debug:
         _state["debug"] = True
@@ -109,7 +128,13 @@ def _main(
 
 
 RecipeOpt = Annotated[
-    str, typer.Option("--recipe", "-r", help="Built-in recipe name or path to a .toml file.")
+    str,
+    typer.Option(
+        "--recipe",
+        "-r",
+        help="Built-in recipe name or path to a .toml file.",
+        autocompletion=complete_recipe,
+    ),
 ]
 SetOpt = Annotated[
     list[str] | None,
@@ -123,7 +148,18 @@ DeviceOpt = Annotated[
 ]
 CkptOpt = Annotated[
     str | None,
-    typer.Option("--checkpoint", "-c", help="Trained weights: a run/checkpoint dir or a seed .pt."),
+    typer.Option(
+        "--checkpoint",
+        "-c",
+        help="Trained weights: a run/checkpoint dir, a seed .pt, `latest` or hf://org/repo/file.",
+    ),
+]
+DryRunOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="Check recipe, data, weights, output folder, disk and device; load no model.",
+    ),
 ]
 
 
@@ -131,11 +167,36 @@ def _load(recipe: str, overrides: list[str] | None, output_dir: Path | None, dev
     from cir_cli.recipes import load_recipe
 
     values: dict[str, str] = {}
-    if output_dir is not None:
-        values["output.dir"] = str(output_dir)
     if device is not None:
         values["device"] = device
-    return load_recipe(recipe, overrides, values)
+    cfg = load_recipe(recipe, overrides, values)
+    if output_dir is not None:
+        # The feature cache stays where it was (<recipe's output.dir>/.cache unless set):
+        # runs written elsewhere must not re-encode every image (stage II after --output-dir).
+        if cfg.output.cache_dir is None:
+            cfg.output.cache_dir = str(Path(cfg.output.dir) / ".cache")
+        cfg.output.dir = str(output_dir)
+    return cfg
+
+
+def _print_dry_run(report) -> None:
+    """Every check's line, then every problem: exit 2 when there is any."""
+    typer.echo(f"dry run of `cir {report.command}` (no model is loaded):")
+    for line in report.lines:
+        typer.echo(line)
+    if report.problems:
+        raise CirError(f"dry run: {len(report.problems)} problem(s), listed above")
+    typer.echo("dry run: everything needed is in place")
+
+
+def _resolve_and_say(cfg, checkpoint: str | None, stages=("combiner", "finetune")):
+    """Resolve `latest` / hf:// and say what they became, so a log records which run was used."""
+    from cir_cli.workflows import resolve_refs
+
+    cfg, checkpoint, notes = resolve_refs(cfg, checkpoint, stages)
+    for note in notes:
+        _console(stderr=True).print(f"resolved {note}", soft_wrap=True, markup=False)
+    return cfg, checkpoint
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +232,8 @@ def recipes_show(
     recipe = load_recipe(name, overrides)
     header = header_comment(find_recipe(name))
     text = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
-    typer.echo(text + ("\n" if text else "") + to_toml(recipe.to_dict()), nl=False)
+    body = to_toml(recipe.to_dict(), unset_as_comments=True)
+    typer.echo(text + ("\n" if text else "") + body, nl=False)
 
 
 @recipes_app.command("cp")
@@ -300,10 +362,36 @@ def prepare(
 
 
 def _print_metrics(metrics: dict[str, float], title: str) -> None:
+    """One metric per row; FashionIQ's per-category recalls as a category x R@10/R@50 grid."""
     from rich.table import Table
 
-    table = Table("metric", "value", title=title, header_style="bold")
-    for key, value in metrics.items():
+    suffix10, suffix50 = "_recall_at10", "_recall_at50"
+    cats = [
+        k.removesuffix(suffix10)
+        for k in metrics
+        if k.endswith(suffix10)
+        and k != "average" + suffix10
+        and k.removesuffix(suffix10) + suffix50 in metrics
+    ]
+    shown: set[str] = set()
+    if cats:
+        grid = Table("category", "R@10", "R@50", "mean", title=title, header_style="bold")
+        for cat in [*cats, "average"]:
+            r10, r50 = metrics.get(cat + suffix10), metrics.get(cat + suffix50)
+            if r10 is None or r50 is None:
+                continue
+            shown.update({cat + suffix10, cat + suffix50})
+            style = "bold" if cat == "average" else None
+            grid.add_row(cat, f"{r10:.2f}", f"{r50:.2f}", f"{(r10 + r50) / 2:.2f}", style=style)
+        _console().print(grid)
+        if "average_recall" in metrics:
+            shown.add("average_recall")
+            _console().print(f"average_recall {metrics['average_recall']:.2f}  (selection metric)")
+    rest = {k: v for k, v in metrics.items() if k not in shown}
+    if not rest:
+        return
+    table = Table("metric", "value", title=None if cats else title, header_style="bold")
+    for key, value in rest.items():
         table.add_row(key, f"{value:.2f}")
     _console().print(table)
 
@@ -330,11 +418,18 @@ def validate(
     report_queries: Annotated[
         int, typer.Option("--report-queries", min=1, help="Worst and best queries shown per split.")
     ] = 8,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Evaluate a recipe's model on its dataset's validation split; prints and saves metrics."""
+    cfg = _load(recipe, overrides, output_dir, device)
+    if dry_run:
+        from cir_cli.preflight import run_preflight
+
+        _print_dry_run(run_preflight(cfg, "validate", checkpoint=checkpoint, split=split))
+        return
     from cir_cli.workflows import run_validation
 
-    cfg = _load(recipe, overrides, output_dir, device)
+    cfg, checkpoint = _resolve_and_say(cfg, checkpoint)
     result = run_validation(
         cfg,
         checkpoint=checkpoint,
@@ -345,31 +440,46 @@ def validate(
         report_queries=report_queries,
     )
     _print_metrics(result.metrics, f"{cfg.name} on {cfg.data.dataset} {split or cfg.eval.split}")
-    _console().print(f"results in {result.run_dir}")
+    _console().print(f"results in {result.run_dir}", soft_wrap=True)
     if report is not None:
-        _console().print(f"report: {report}")
+        _console().print(f"report: {report}", soft_wrap=True)
 
 
-def _train(stage, recipe, overrides, output_dir, device, resume) -> None:
-    from cir_cli.workflows import run_training
+def _train(stage, recipe, overrides, output_dir, device, resume, dry_run=False) -> None:
+    from cir_cli.workflows import _recipe_for_resume, run_training
 
     cfg = _load(recipe, overrides, output_dir, device) if recipe else None
     if cfg is None and resume is None:
         raise CirError("--recipe is required (or --resume <run dir>)")
+    if dry_run:
+        from cir_cli.preflight import run_preflight
+
+        _print_dry_run(run_preflight(_recipe_for_resume(cfg, resume), stage, resume=resume))
+        return
+    if cfg is not None:
+        cfg, _ = _resolve_and_say(cfg, None)
     result = run_training(cfg, stage, resume=resume)
     if result.best:
         _print_metrics(
             {k: v for k, v in result.best.items() if k not in ("step",)},
             f"best validation ({stage})",
         )
-    _console().print(f"run folder: {result.run_dir}  (best: {result.run_dir}/checkpoints/best)")
+    _console().print(
+        f"run folder: {result.run_dir}  (best: {result.run_dir}/checkpoints/best)", soft_wrap=True
+    )
 
 
 ResumeOpt = Annotated[
     str | None, typer.Option("--resume", help="Continue a run folder from its last checkpoint.")
 ]
 OptionalRecipeOpt = Annotated[
-    str | None, typer.Option("--recipe", "-r", help="Built-in recipe name or path to a .toml file.")
+    str | None,
+    typer.Option(
+        "--recipe",
+        "-r",
+        help="Built-in recipe name or path to a .toml file.",
+        autocompletion=complete_recipe,
+    ),
 ]
 
 
@@ -381,9 +491,10 @@ def finetune(
     output_dir: OutOpt = None,
     device: DeviceOpt = None,
     resume: ResumeOpt = None,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Stage I: fine-tune the encoders with the method's query composition (torchrun-ready)."""
-    _train("finetune", recipe, overrides, output_dir, device, resume)
+    _train("finetune", recipe, overrides, output_dir, device, resume, dry_run)
 
 
 @app.command("train-combiner")
@@ -394,9 +505,22 @@ def train_combiner(
     output_dir: OutOpt = None,
     device: DeviceOpt = None,
     resume: ResumeOpt = None,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Stage II: train the Combiner on cached features of the frozen stage-I encoders."""
-    _train("combiner", recipe, overrides, output_dir, device, resume)
+    _train("combiner", recipe, overrides, output_dir, device, resume, dry_run)
+
+
+# Where the test-split files go (the benchmarks' own servers, as their READMEs give them;
+# CIRR's backup: https://cirr.junjie.au/) and what to upload there.
+SUBMISSION_SERVERS = {
+    "cirr": (
+        "https://cirr.cecs.anu.edu.au/test_process/",
+        "both files (recall_submission_*.json for Recall@K, recall_subset_submission_*.json "
+        "for Recall_subset@K)",
+    ),
+    "circo": ("https://circo.micc.unifi.it/evaluation", "the circo_submission_*.json file"),
+}
 
 
 @app.command()
@@ -413,18 +537,29 @@ def submit(
     name: Annotated[
         str | None, typer.Option("--name", help="Submission name (default: recipe).")
     ] = None,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Write the benchmark's test-server submission files, validated, atomically."""
+    cfg = _load(recipe, overrides, output_dir, device)
+    if dry_run:
+        from cir_cli.preflight import run_preflight
+
+        _print_dry_run(run_preflight(cfg, "submit", checkpoint=checkpoint, benchmark=benchmark))
+        return
     from cir_cli.workflows import run_submission
 
-    cfg = _load(recipe, overrides, output_dir, device)
+    cfg, checkpoint = _resolve_and_say(cfg, checkpoint)
     paths = run_submission(cfg, benchmark, checkpoint=checkpoint, name=name)
     for path in paths:
-        _console().print(f"wrote {path}")
+        _console().print(f"wrote {path}", soft_wrap=True)
+    server = SUBMISSION_SERVERS.get(benchmark)
+    if server:
+        _console().print(f"upload {server[1]} at {server[0]}", soft_wrap=True, markup=False)
 
 
-# Register `cir demo`, `cir index` and `cir search` (their modules import this one).
-from cir_cli import cli_demo, cli_search  # noqa: E402,F401
+# Registers `cir demo`, `cir index` / `cir search` and `cir weights` / `cir runs` on the app
+# (their modules import this one).
+from cir_cli import cli_demo, cli_search, cli_weights  # noqa: E402,F401
 
 
 def main() -> None:

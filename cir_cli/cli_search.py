@@ -12,7 +12,19 @@ from typing import Annotated
 
 import typer
 
-from cir_cli.cli import CkptOpt, DeviceOpt, SetOpt, _console, _load, app, cli_command
+from cir_cli.cli import (
+    CkptOpt,
+    DeviceOpt,
+    DryRunOpt,
+    SetOpt,
+    _console,
+    _load,
+    _print_dry_run,
+    _resolve_and_say,
+    app,
+    cli_command,
+    complete_recipe,
+)
 from cir_cli.errors import CirError
 
 # How many unreadable files the summary names before it gives a count.
@@ -49,7 +61,12 @@ def index(
     folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
     recipe: Annotated[
         str | None,
-        typer.Option("--recipe", "-r", help="Recipe of the model (not needed with --update)."),
+        typer.Option(
+            "--recipe",
+            "-r",
+            help="Recipe of the model (not needed with --update).",
+            autocompletion=complete_recipe,
+        ),
     ] = None,
     overrides: SetOpt = None,
     checkpoint: CkptOpt = None,
@@ -67,8 +84,20 @@ def index(
     num_workers: Annotated[
         int | None, typer.Option("--num-workers", min=0, help="Default: data.num_workers.")
     ] = None,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Encode a folder of images into a searchable index (or --update one)."""
+    if dry_run:
+        if recipe is None:
+            raise CirError("--dry-run needs --recipe")
+        from cir_cli.preflight import run_preflight
+
+        cfg = _load(recipe, overrides, None, device)
+        report = run_preflight(
+            cfg, "index", checkpoint=checkpoint, folder=folder, out=None if update else out
+        )
+        _print_dry_run(report)
+        return
     from cir_cli import search as lib
 
     if update is not None:
@@ -77,6 +106,8 @@ def index(
         cfg = _load(recipe, overrides, None, None) if recipe else None
         if overrides and cfg is None:
             raise CirError("--set needs --recipe (with --update the index's recipe is used)")
+        if cfg is not None:
+            cfg, checkpoint = _resolve_and_say(cfg, checkpoint)
         summary = lib.update_index(folder, update, cfg, checkpoint, device, batch_size, num_workers)
         _print_summary(summary, "updated")
         return
@@ -85,6 +116,8 @@ def index(
     if out is None:
         raise CirError("--out <name>.cirindex is required (or --update <index>)")
     cfg = _load(recipe, overrides, None, None)
+    # `latest` (the recipe's newest run) and hf:// work here as in validate and submit.
+    cfg, checkpoint = _resolve_and_say(cfg, checkpoint)
     summary = lib.build_index(folder, cfg, out, checkpoint, device, batch_size, num_workers)
     _print_summary(summary, "indexed")
 
@@ -100,6 +133,14 @@ def _results_table(result, title: str):
     return table
 
 
+def _target_line(res, k: int, gallery: int) -> str:
+    name = res.query.target.name
+    if res.gallery_rank is None:
+        return f"target {name}: not in the index"
+    where = "in the top" if res.gallery_rank <= k else "outside the top"
+    return f"target {name}: rank {res.gallery_rank} of {gallery} ({where} {k})"
+
+
 @app.command()
 @cli_command
 def search(
@@ -108,6 +149,10 @@ def search(
         Path | None, typer.Option("--image", "-i", help="Reference (query) image.")
     ] = None,
     text: Annotated[str | None, typer.Option("--text", "-t", help="Modification text.")] = None,
+    target: Annotated[
+        Path | None,
+        typer.Option("--target", help="The image you expect: its rank is printed, also beyond k."),
+    ] = None,
     k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Results per query.")] = 12,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (JSONL with --queries).")] = (
         False
@@ -143,9 +188,9 @@ def search(
     if queries is None:
         if image is None or text is None:
             raise CirError("give --image and --text (or --queries <file.csv|jsonl>)")
-        batch = [lib.Query(image, text)]
+        batch = [lib.Query(image, text, target.expanduser().resolve() if target else None)]
     else:
-        if image is not None or text is not None:
+        if image is not None or text is not None or target is not None:
             raise CirError("--queries cannot be combined with --image/--text")
         batch = lib.read_queries(queries)
     lib.check_query_images(batch)
@@ -175,19 +220,26 @@ def search(
         res = results[0]
         title = escape(f"{res.query.image.name} + “{res.query.text}”")
         console.print(_results_table(res, title))
+        if res.query.target is not None:
+            console.print(_target_line(res, k, len(idx.files)), soft_wrap=True, markup=False)
     else:
         from rich.table import Table
 
-        table = Table("#", "image", "text", "top hit", "score", header_style="bold")
+        labelled = any(r.query.target is not None for r in results)
+        columns = ["#", "image", "text", "top hit", "score"] + (["target rank"] if labelled else [])
+        table = Table(*columns, header_style="bold")
         for n, res in enumerate(results[:_QUERIES_SHOWN], 1):
             top = res.hits[0] if res.hits else None
-            table.add_row(
+            row = [
                 str(n),
                 escape(res.query.image.name),
                 escape(res.query.text),
                 escape(top.path.name) if top else "-",
                 f"{top.score:.4f}" if top else "-",
-            )
+            ]
+            if labelled:
+                row.append(str(res.gallery_rank) if res.gallery_rank else "-")
+            table.add_row(*row)
         console.print(table)
         if len(results) > _QUERIES_SHOWN:
             more = len(results) - _QUERIES_SHOWN

@@ -1,9 +1,14 @@
-"""rich progress bars for every long loop, switched off on non-zero ranks and when disabled."""
+"""rich progress bars for every long loop: on rank 0, on a terminal, unless disabled (-q).
+
+Off a terminal a rich bar prints nothing useful (blank lines in a log file); training then
+prints plain lines instead (engine/progress_log.py).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterator
 
 _enabled = os.environ.get("CIR_PROGRESS", "1") != "0"
@@ -18,6 +23,20 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def on_terminal() -> bool:
+    """Whether stdout (where rich draws its bars) is an interactive terminal, not a file, a
+    pipe (`| tee`), an sbatch or a nohup log."""
+    try:
+        return bool(sys.stdout.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def bars_visible() -> bool:
+    """Rich bars only where someone can watch them; elsewhere the trainer prints plain lines."""
+    return _enabled and is_main_process() and on_terminal()
+
+
 @contextlib.contextmanager
 def progress_bar(
     description: str, total: int | None, fields: bool = False
@@ -27,7 +46,7 @@ def progress_bar(
     With `fields=True` the bar shows a free-form status text (loss, lr, samples/s) that
     `advance(status="...")` updates.
     """
-    if not (_enabled and is_main_process()):
+    if not bars_visible():
         yield lambda n=1, **kw: None
         return
     from rich.progress import (

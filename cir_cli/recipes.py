@@ -298,7 +298,14 @@ class LoggingConfig(_Section):
     project: str | None = None
     workspace: str | None = None
     experiment_name: str | None = None
+    # Comet's per-step scalars every N optimizer steps.
     log_every: int = Field(10, ge=1)
+    # Off a terminal (sbatch, nohup, `| tee`): one plain progress line every N optimizer steps
+    # (None = log_every) and at least every `every_seconds`. train_log.csv gets every step.
+    every_steps: int | None = Field(None, ge=1)
+    every_seconds: float = Field(300.0, gt=0)
+    # TensorBoard event files in <run>/tensorboard (needs `pip install 'cir-cli[tensorboard]'`).
+    tensorboard: bool = False
 
 
 class OutputConfig(_Section):
@@ -600,14 +607,21 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 
-def to_toml(data: dict[str, Any], prefix: str = "") -> str:
-    """Serialise a nested dict; None values are left out (TOML has no null: absent = default)."""
-    scalars = [(k, v) for k, v in data.items() if not isinstance(v, dict) and v is not None]
+def to_toml(data: dict[str, Any], prefix: str = "", unset_as_comments: bool = False) -> str:
+    """Serialise a nested dict; None values are left out (TOML has no null: absent = default),
+    or, with `unset_as_comments`, written as `# key = (unset)` so every settable key shows."""
+    lines = []
+    for k, v in data.items():
+        if isinstance(v, dict):
+            continue
+        if v is not None:
+            lines.append(f"{k} = {_toml_value(v)}")
+        elif unset_as_comments:
+            lines.append(f"# {k} = (unset)")
     tables = [(k, v) for k, v in data.items() if isinstance(v, dict)]
-    lines = [f"{k} = {_toml_value(v)}" for k, v in scalars]
     out = "\n".join(lines)
     for key, table in tables:
         name = f"{prefix}{key}"
-        body = to_toml(table, prefix=f"{name}.")
+        body = to_toml(table, prefix=f"{name}.", unset_as_comments=unset_as_comments)
         out += f"\n\n[{name}]\n{body}" if out or lines else f"[{name}]\n{body}"
     return out.strip() + "\n"

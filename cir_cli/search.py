@@ -774,6 +774,9 @@ class QueryResult:
     # 1-based rank of the query's target within the returned hits (None: not found in top-k or
     # no target given).
     target_rank: int | None = None
+    # 1-based rank of the target in the whole gallery (also beyond k); None without a target
+    # or when the target is not in the index.
+    gallery_rank: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -784,6 +787,7 @@ class QueryResult:
         if self.query.target is not None:
             out["target"] = str(self.query.target)
             out["target_rank"] = self.target_rank
+            out["target_rank_in_gallery"] = self.gallery_rank
         return out
 
 
@@ -1007,8 +1011,37 @@ def search(
             trow = index.row_of(query.target)
             if trow >= 0 and trow in rows:
                 target_rank = rows.index(trow) + 1
-        results.append(QueryResult(query, hits, target_rank))
+        results.append(QueryResult(query, hits, target_rank, target_rank))
+    _ranks_beyond_k(index, model, queries, features, gallery, exclude, results)
     return results
+
+
+def _ranks_beyond_k(index, model, queries, features, gallery, exclude, results) -> None:
+    """The gallery rank of targets outside the top k (one exact count per query, no sort)."""
+    import torch
+
+    from cir_cli.ranking import target_ranks
+
+    todo = []
+    for qi, (query, result) in enumerate(zip(queries, results, strict=True)):
+        if query.target is None or result.target_rank is not None:
+            continue
+        trow = index.row_of(query.target)
+        if trow < 0 or (exclude is not None and int(exclude[qi]) == trow):
+            continue
+        todo.append((qi, trow))
+    if not todo:
+        return
+    rows = torch.tensor([qi for qi, _ in todo], dtype=torch.long)
+    ranks = target_ranks(
+        features[rows],
+        gallery,
+        torch.tensor([t for _, t in todo], dtype=torch.long),
+        exclude=None if exclude is None else exclude[rows],
+        score_fn=model.score,
+    )
+    for (qi, _), rank0 in zip(todo, ranks.tolist(), strict=True):
+        results[qi].gallery_rank = int(rank0) + 1
 
 
 def recall_at(results: Sequence[QueryResult], ks: Sequence[int]) -> dict[int, float]:

@@ -10,6 +10,37 @@ from cir_cli.io import write_json_atomic
 from cir_cli.recipes import Recipe
 
 
+def resolve_refs(
+    recipe: Recipe,
+    checkpoint: str | None,
+    stages: tuple[str, ...] = ("combiner", "finetune"),
+    fetch: bool = True,
+) -> tuple[Recipe, str | None, list[str]]:
+    """Resolve `latest` (and, with `fetch`, hf://) in finetune.checkpoint and --checkpoint.
+
+    Returns the recipe (a copy when changed), the checkpoint and one note per resolution
+    ("--checkpoint latest -> runs/x") for the command to print: a log then says which run
+    `latest` picked.
+    """
+    from cir_cli.engine.checkpointing import resolve_checkpoint_ref
+
+    def resolve(ref: str | None, ref_stages: tuple[str, ...]) -> str | None:
+        if ref is None or (not fetch and ref.startswith("hf://")):
+            return ref
+        return resolve_checkpoint_ref(ref, recipe.output.dir, recipe.name, ref_stages)
+
+    notes = []
+    base = resolve(recipe.finetune.checkpoint, ("finetune",))
+    if base != recipe.finetune.checkpoint:
+        notes.append(f"finetune.checkpoint {recipe.finetune.checkpoint} -> {base}")
+        recipe = recipe.model_copy(deep=True)
+        recipe.finetune.checkpoint = base
+    resolved = resolve(checkpoint, stages)
+    if resolved != checkpoint:
+        notes.append(f"--checkpoint {checkpoint} -> {resolved}")
+    return recipe, resolved, notes
+
+
 @dataclass
 class ValidationRun:
     metrics: dict[str, float]
@@ -221,13 +252,14 @@ def run_training(
     from cir_cli.runs import new_run_dir, write_manifest
 
     recipe = _recipe_for_resume(recipe, resume)
-    if recipe.finetune.checkpoint == "latest":
-        from cir_cli.engine.checkpointing import resolve_checkpoint_ref
+    from cir_cli.engine.checkpointing import resolve_checkpoint_ref
 
+    base = resolve_checkpoint_ref(
+        recipe.finetune.checkpoint, recipe.output.dir, recipe.name, ("finetune",)
+    )
+    if base != recipe.finetune.checkpoint:  # `latest` or hf://
         recipe = recipe.model_copy(deep=True)
-        recipe.finetune.checkpoint = resolve_checkpoint_ref(
-            "latest", recipe.output.dir, recipe.name, ("finetune",)
-        )
+        recipe.finetune.checkpoint = base
     dist_info, device = init_distributed(api.resolve_device(recipe.device))
     try:
         api.seed_everything(recipe.seed)
@@ -281,9 +313,21 @@ def run_training(
             save_every_steps=cfg.save_every_steps,
             stop_after_steps=stop_after_steps,
         )
-        log = RunLog(run_dir, enabled=dist_info.is_main, comet=comet)
+        log = RunLog(
+            run_dir,
+            enabled=dist_info.is_main,
+            comet=comet,
+            every_steps=recipe.logging.every_steps or recipe.logging.log_every,
+            every_seconds=recipe.logging.every_seconds,
+            tensorboard=recipe.logging.tensorboard,
+        )
         trainer = Trainer(task, settings, run_dir, device, dist_info, log)
-        result = trainer.fit(resume=resume is not None)
+        finished = False
+        try:
+            result = trainer.fit(resume=resume is not None)
+            finished = not result.stopped_early
+        finally:
+            log.close(finished)
         if comet is not None:
             comet.end()
         return TrainingRun(run_dir, result.best, result.history, result.steps, result.stopped_early)

@@ -342,3 +342,27 @@ def test_faiss_backend_matches_torch() -> None:
         indices, scores = lib.rank_faiss(queries, gallery, 20, excl)
         assert torch.equal(indices, ref.indices)
         torch.testing.assert_close(scores, ref.scores)
+
+
+def test_target_rank_beyond_k(recipe, model, val_index: Path) -> None:
+    """A target outside the top k gets its rank in the whole gallery (issue 14): the same as
+    its position in a full (k = gallery) ranking."""
+    queries, _ = val_queries(recipe)
+    queries = queries[:40]
+    index = lib.load_index(val_index)
+    short = lib.search(index, model, queries, k=5, exclude_query=True)
+    full = lib.search(index, model, queries, k=648, exclude_query=True)
+    beyond = 0
+    for s, f in zip(short, full, strict=True):
+        assert s.gallery_rank == f.target_rank  # full list: the target's position
+        assert s.target_rank == (s.gallery_rank if s.gallery_rank <= 5 else None)
+        beyond += s.gallery_rank > 5
+    assert beyond > 0  # the untrained model misses most targets: the case is exercised
+    q = next(q for q, s in zip(queries, short, strict=True) if s.gallery_rank > 5)
+    rank = next(s.gallery_rank for q2, s in zip(queries, short, strict=True) if q2 is q)
+    result = cli(
+        "search", str(val_index), "--image", str(q.image), "--text", q.text,
+        "--target", str(q.target), "-k", "5", "--exclude-query",
+    )
+    assert result.exit_code == 0, result.output
+    assert f"target {q.target.name}: rank {rank} of 648 (outside the top 5)" in result.output

@@ -460,6 +460,14 @@ class Blip2Backbone(QFormerPaths, nn.Module):
             raise CirError(f"backbone.arch '{arch}' is not a BLIP-2 arch; known: {_known()}")
         tokenizer = load_bert_tokenizer(config.tokenizer or ARCHS[arch]["tokenizer"])
         hf_state = None
+        if config.pretrained and not Path(config.pretrained).expanduser().exists():
+            from cir_cli.weights import looks_local
+
+            # A mistyped local path must not read as a hub error ("Repo id must be ...").
+            if looks_local(config.pretrained):
+                raise CirError(
+                    f"backbone.pretrained: not found: {Path(config.pretrained).expanduser()}"
+                )
         if config.pretrained and not Path(config.pretrained).expanduser().is_file():
             # Read (or fail to find) the transformers weights before building a 1 B-parameter
             # model only to discard it.

@@ -79,7 +79,12 @@ class OpenClipBackbone(nn.Module):
         local = Path(pretrained).expanduser() if pretrained else None
         if pretrained and (local.exists() or "/" in pretrained or local.suffix):
             if not local.is_file():
-                raise CirError(f"backbone.pretrained: weights file not found: {local}")
+                from cir_cli.weights import missing_hint
+
+                raise CirError(
+                    f"backbone.pretrained: weights file not found: {local}"
+                    + missing_hint(str(local))
+                )
             model = open_clip.create_model(config.arch, pretrained=None)
             load_clip_state(model, _read_local_weights(local), str(local))
             source = str(local)

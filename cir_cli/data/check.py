@@ -32,7 +32,10 @@ EXAMPLES = 5
 def require_root(root: Path, dataset: str) -> None:
     root = Path(root)
     if not root.exists():
-        raise CirError(f"{dataset} root {root} does not exist; pass the dataset folder as --root")
+        raise CirError(
+            f"{dataset} root {root} does not exist; point data.root at the dataset folder "
+            f"(--set data.root=DIR; `cir prepare {dataset} --root DIR` checks one)"
+        )
     if not root.is_dir():
         raise CirError(f"{dataset} root {root} is not a folder")
 

@@ -263,7 +263,9 @@ def read_text_file(path: str | Path, column: str = "text") -> list[str]:
     """The texts of one local file (format by suffix, see the module docstring)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise CirError(f"method.text_files: {path} not found")
+        from cir_cli.weights import missing_hint
+
+        raise CirError(f"method.text_files: {path} not found{missing_hint(str(path))}")
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return _read_txt(path)

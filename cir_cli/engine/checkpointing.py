@@ -13,13 +13,17 @@ the crash fell between the two renames).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from cir_cli.checkpoints import load_torch_checkpoint, load_weights, save_weights
 from cir_cli.errors import CirError
 from cir_cli.io import atomic_dir, atomic_path, remove_stale_temp
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a checkpoint is written: `latest` resolution (preflight, `cir runs`)
+# must not pay for it.
 
 WEIGHTS = "weights.safetensors"
 TRAINING_STATE = "training_state.pt"
@@ -36,6 +40,8 @@ def save_run_checkpoint(
     with atomic_dir(final) as staging:
         save_weights(staging / WEIGHTS, weights, metadata)
         if training_state is not None:
+            import torch
+
             # Through a Python file object: a refused write (disk full) then surfaces as the
             # OSError behind torch's RuntimeError, which atomic_dir reports as one line.
             with atomic_path(staging / TRAINING_STATE) as tmp, open(tmp, "wb") as fh:
@@ -117,7 +123,12 @@ def latest_run(output_dir: str | Path, recipe_name: str, stages: tuple[str, ...]
 def resolve_checkpoint_ref(
     ref: str | None, output_dir: str | Path, recipe_name: str, stages: tuple[str, ...]
 ) -> str | None:
-    """`latest` -> the newest matching run folder; anything else unchanged."""
+    """`latest` -> the newest matching run folder; `hf://org/repo/file` -> the file in the hub
+    cache (downloaded when online); anything else unchanged."""
+    if ref is not None and ref.startswith("hf://"):
+        from cir_cli.weights import fetch_hf
+
+        return str(fetch_hf(ref))
     if ref != "latest":
         return ref
     return str(latest_run(output_dir, recipe_name, stages))

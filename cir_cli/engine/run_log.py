@@ -7,29 +7,104 @@ printed or stored; comet_ml is imported only when the recipe enables it.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
+from cir_cli.engine.progress_log import StepLog, StepRecord, peak_gpu_bytes
 from cir_cli.io import atomic_path
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, enabled: bool = True, comet: Any = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool = True,
+        comet: Any = None,
+        every_steps: int = 10,
+        every_seconds: float = 300.0,
+        tensorboard: bool = False,
+        plain_lines: bool | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.comet = comet
         self.epoch_losses: list[tuple[int, float]] = []
         self.history: list[dict[str, float]] = []
+        self.every_steps = every_steps
+        self.every_seconds = every_seconds
+        self.tensorboard = tensorboard
+        self.plain_lines = plain_lines
+        self.steps: StepLog | None = None
+        self._resume_checked = False
+        self._created = time.monotonic()
+        self._selection: str | None = None
 
     def info(self, message: str) -> None:
         if self.enabled:
             from rich.console import Console
 
-            Console(stderr=True, highlight=False).print(message)
+            Console(stderr=True, highlight=False).print(message, soft_wrap=True)
 
     def step(self, step: int, values: dict[str, float]) -> None:
         if self.comet is not None:
             self.comet.log_metrics({f"train/{k}": v for k, v in values.items()}, step=step)
+
+    def train_step(
+        self,
+        stage: str,
+        step: int,
+        total_steps: int,
+        epoch: int,
+        epochs: int,
+        loss: float,
+        terms: dict[str, float],
+        lrs: list[float],
+        samples_per_second: float,
+        samples_per_step: int,
+        device: Any = None,
+        comet_every: int = 10,
+    ) -> None:
+        """After every optimizer step (rank 0): train_log.csv, plain line, TensorBoard, Comet."""
+        if not self.enabled:
+            return
+        if self.steps is None:
+            self.steps = StepLog(
+                self.run_dir,
+                stage,
+                every_steps=self.every_steps,
+                every_seconds=self.every_seconds,
+                plain_lines=self.plain_lines,
+                tensorboard=self.tensorboard,
+                started=self._created,
+            )
+            if self._selection:
+                self.steps.state["selection_metric"] = self._selection
+        if not self._resume_checked:
+            # A resumed run starts after its checkpoint: rows logged past it are repeated now.
+            self._resume_checked = True
+            self.steps.resume(step - 1)
+        rate = max(samples_per_second, 1e-9)
+        record = StepRecord(
+            step=step,
+            total_steps=total_steps,
+            epoch=epoch,
+            epochs=epochs,
+            loss=loss,
+            terms=dict(terms),
+            lrs=list(lrs),
+            samples_per_second=samples_per_second,
+            seconds_per_step=samples_per_step / rate,
+            peak_gpu_bytes=peak_gpu_bytes(device),
+        )
+        self.steps.record(record)
+        if step % comet_every == 0:
+            self.step(step, {"loss": loss, "lr": lrs[0] if lrs else 0.0, **terms})
+
+    def close(self, finished: bool = False) -> None:
+        """End of training: progress.json says whether the run finished (`cir runs`)."""
+        if self.steps is not None:
+            self.steps.close(finished)
 
     def epoch(self, epoch: int, loss: float) -> None:
         if not self.enabled:
@@ -64,9 +139,13 @@ class RunLog:
             return
         import pandas as pd
 
+        self._selection = selection_metric
         self.history.append(row)
         with atomic_path(self.run_dir / "metrics.csv") as tmp:
             pd.DataFrame(self.history).to_csv(tmp, index=False)
+        if self.steps is not None:
+            self.steps.validation(row)
+            self.steps.write_state(selection_metric=selection_metric)
         if self.comet is not None:
             self.comet.log_metrics(
                 {f"val/{k}": v for k, v in row.items() if k not in ("epoch", "step")},
@@ -84,29 +163,10 @@ class RunLog:
         )
 
     def plot_curves(self, selection_metric: str) -> None:
-        """curves.png: training loss and validation metrics over epochs."""
-        import matplotlib
+        """curves.png from train_log.csv (per step) and metrics.csv (per validation)."""
+        from cir_cli.engine.curves import plot_curves
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
-        if self.epoch_losses:
-            epochs, losses = zip(*self.epoch_losses, strict=True)
-            ax_loss.plot(epochs, losses, marker="o")
-        ax_loss.set(title="training loss", xlabel="epoch")
-        keys = [k for k in self.history[-1] if k not in ("epoch", "step", "train_loss")]
-        keys = [k for k in keys if "recall_at" in k or k == selection_metric][:6]
-        for key in keys:
-            xs = [r["epoch"] for r in self.history if key in r]
-            ax_metric.plot(xs, [r[key] for r in self.history if key in r], marker="o", label=key)
-        ax_metric.set(title="validation", xlabel="epoch", ylabel="%")
-        if keys:
-            ax_metric.legend(fontsize=7)
-        fig.tight_layout()
-        with atomic_path(self.run_dir / "curves.png") as tmp:
-            fig.savefig(tmp, format="png", dpi=80)
-        plt.close(fig)
+        plot_curves(self.run_dir, selection_metric)
 
 
 def _step_of(row: dict[str, str]) -> float:

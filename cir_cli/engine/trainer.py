@@ -382,8 +382,21 @@ class Trainer:
                             s.grad_accum,
                             status=f"loss {losses[-1]:.4f} lr {lr_now:.2e} {rate:.0f} samples/s",
                         )
-                        if self.dist.is_main and step % s.log_every == 0:
-                            self.log.step(step, {"loss": losses[-1], "lr": lr_now, **parts})
+                        if self.dist.is_main:
+                            self.log.train_step(
+                                task.stage,
+                                step,
+                                total_steps,
+                                epoch,
+                                s.epochs,
+                                float(np.mean(losses[-s.grad_accum :])),
+                                parts,
+                                [g["lr"] for g in optimizer.param_groups],
+                                rate,
+                                s.batch_size * s.grad_accum,
+                                self.device,
+                                comet_every=s.log_every,
+                            )
                         if (
                             s.save_every_steps
                             and step % s.save_every_steps == 0
