@@ -145,6 +145,15 @@ def _file_in_the_way(path: Path) -> Path | None:
     return None
 
 
+def refuse_blocked_folder(path: PathLike) -> None:
+    """CirError when a file stands where `path` or one of its parent folders would be: checked
+    before long work (encoding a gallery) whose outputs would then have nowhere to go."""
+    p = Path(path)
+    blocker = _file_in_the_way(p)
+    if blocker is not None:
+        raise CirError(f"cannot write {p}: {blocker} is a file, not a folder")
+
+
 def describe_write_error(
     path: PathLike, error: OSError, previous: bool = False, verb: str = "write"
 ) -> str:

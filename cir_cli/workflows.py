@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cir_cli.errors import CirError
-from cir_cli.io import write_json_atomic
+from cir_cli.io import refuse_blocked_folder, write_json_atomic
 from cir_cli.recipes import Recipe
 
 
@@ -72,6 +72,7 @@ def run_validation(
 
     if report is not None and not Path(report).expanduser().resolve().parent.is_dir():
         raise CirError(f"--report {report}: its folder does not exist")
+    refuse_blocked_folder(recipe.output.dir)
     model = api.load_model(recipe, checkpoint=checkpoint, device=recipe.device)
     split_reports = None
     if report is not None:
