@@ -33,7 +33,9 @@ ProgressFn = Callable[[int], None]
 # for blocks of rows of at most this many elements: an int64 cumulative sum of a whole chunk
 # would cost 2x the score matrix, and with degenerate features (e.g. all zeros) every row can
 # need a repair, so doing all rows at once would defeat the chunking.
-_BLOCK_ELEMENTS = 1 << 21
+_BLOCK_ELEMENTS = 1 << 20
+# Booleans are counted in uint8 lanes of this many (see _count): 255 ones still fit.
+_LANE = 255
 
 # Gallery images per block in max_over_tokens_score; bounds the (q, block, T) intermediate.
 _TOKEN_BLOCK_ELEMENTS = 1 << 25
@@ -143,37 +145,68 @@ def _stable_topk(scores: Tensor, m: int) -> tuple[Tensor, Tensor]:
         return scores.new_empty((num_rows, m)), empty
     if m >= n:
         _check_no_nan(scores)
-        vals = scores.clone()
-        idx = torch.arange(n, device=scores.device).expand(num_rows, n).clone()
-    else:
-        wide_vals, wide_idx = torch.topk(scores, m + 1, dim=1, largest=True, sorted=False)
-        _check_no_nan(wide_vals)
-        low, low_pos = wide_vals.min(dim=1, keepdim=True)
-        # Drop the smallest of the m + 1 (any one of them when it is tied: repaired below).
-        keep = torch.ones_like(wide_idx, dtype=torch.bool)
-        keep.scatter_(1, low_pos, False)
-        vals = wide_vals[keep].view(num_rows, m)
-        idx = wide_idx[keep].view(num_rows, m)
-        ambiguous = ((wide_vals == low).sum(dim=1) > 1).nonzero().squeeze(1)
-        block = _row_block(n)
-        for start in range(0, ambiguous.numel(), block):
-            rows = ambiguous[start : start + block]
-            sub = scores[rows]
-            bound = low[rows]
-            above = sub > bound
-            need = (m - above.sum(dim=1)).unsqueeze(1)
-            is_equal = sub == bound
-            keep_sub = above | (is_equal & (is_equal.cumsum(dim=1) <= need))
-            # Exactly m True per row; nonzero is row-major, so columns come out per row in order.
-            fixed = keep_sub.nonzero()[:, 1].view(rows.numel(), m)
-            idx[rows] = fixed
-            vals[rows] = sub.gather(1, fixed)
-    # Lexicographic sort: by index first, then a stable sort by score keeps index order in ties.
-    idx, order = idx.sort(dim=1)
-    vals = vals.gather(1, order)
-    vals, order = vals.sort(dim=1, descending=True, stable=True)
-    idx = idx.gather(1, order)
+        return _sort_ties(scores.clone(), torch.arange(n, device=scores.device).repeat(num_rows, 1))
+    wide_vals, wide_idx = torch.topk(scores, m + 1, dim=1, largest=True, sorted=True)
+    _check_no_nan(wide_vals)
+    vals, idx = wide_vals[:, :m].contiguous(), wide_idx[:, :m].contiguous()
+    ambiguous = (wide_vals[:, m - 1] == wide_vals[:, m]).nonzero().squeeze(1)
+    block = _row_block(n)
+    for start in range(0, ambiguous.numel(), block):
+        rows = ambiguous[start : start + block]
+        sub = scores[rows]
+        bound = vals[rows, m - 1 :]
+        above = sub > bound
+        need = (m - above.sum(dim=1)).unsqueeze(1)
+        is_equal = sub == bound
+        keep_sub = above | (is_equal & (is_equal.cumsum(dim=1) <= need))
+        # Exactly m True per row; nonzero is row-major, so columns come out per row in order.
+        fixed = keep_sub.nonzero()[:, 1].view(rows.numel(), m)
+        idx[rows] = fixed
+        vals[rows] = sub.gather(1, fixed)
+    return _sort_ties(vals, idx)
+
+
+def _sort_ties(vals: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Order each row by (higher score, lower index). ``vals`` must already be descending
+    except on rows repaired or unsorted, which the tie check below catches too: only rows with
+    two equal neighbours or an ascent are re-sorted (lexicographically, by two stable sorts)."""
+    if vals.shape[1] < 2:
+        return vals, idx
+    step = vals[:, 1:] - vals[:, :-1]
+    unsure = ((step >= 0) | torch.isnan(step)).any(dim=1).nonzero().squeeze(1)
+    if unsure.numel():
+        sub_idx, order = idx[unsure].sort(dim=1)
+        sub_vals = vals[unsure].gather(1, order)
+        sub_vals, order = sub_vals.sort(dim=1, descending=True, stable=True)
+        vals[unsure] = sub_vals
+        idx[unsure] = sub_idx.gather(1, order)
     return vals, idx
+
+
+def _row_slices(rows: Tensor, block: int) -> list[tuple[slice, Tensor | slice]]:
+    """(positions in ``rows``, row selector) per block; a slice when the rows are consecutive,
+    so the block is a view of the score matrix rather than a copy of it."""
+    out: list[tuple[slice, Tensor | slice]] = []
+    for start in range(0, rows.numel(), block):
+        part = rows[start : start + block]
+        first, last = int(part[0]), int(part[-1])
+        consecutive = last - first + 1 == part.numel()
+        out.append((slice(start, start + part.numel()), slice(first, last + 1) if consecutive
+                    else part))
+    return out
+
+
+def _count(compare: Callable, sub: Tensor, t: Tensor, buf: Tensor) -> Tensor:
+    """Per row, how many ``compare(sub, t)`` are true, without an int64 copy of the mask.
+
+    Summing a bool tensor makes torch cast it to int64 (8x its size, and slower than the
+    comparison itself). The mask is written into a zero-padded buffer whose rows split into
+    lanes of _LANE bools; each lane is summed in uint8 (cannot overflow), then the lanes.
+    """
+    rows, n = sub.shape
+    view = buf[:rows]
+    compare(sub, t, out=view[:, :n])
+    return view.view(rows, -1, _LANE).sum(dim=2, dtype=torch.uint8).sum(dim=1)
 
 
 def _count_before(
@@ -188,17 +221,18 @@ def _count_before(
     n = scores.shape[1]
     out = torch.empty(rows.numel(), dtype=torch.long, device=scores.device)
     block = _row_block(n)
-    for start in range(0, rows.numel(), block):
-        part = slice(start, start + block)
-        sub = scores[rows[part]]
+    width = -(-n // _LANE) * _LANE
+    buf = torch.zeros((min(block, rows.numel()), width), dtype=torch.bool, device=scores.device)
+    for part, selector in _row_slices(rows, block):
+        sub = scores[selector]
         tgt = targets[part].unsqueeze(1)
         # Read the target score from the same matrix, so the comparison is bit-consistent.
         t = sub.gather(1, tgt)
-        before = (sub > t).sum(dim=1)
-        equal = (sub == t).sum(dim=1)
+        before = _count(torch.gt, sub, t, buf)
+        equal = _count(torch.eq, sub, t, buf)
         tied = (equal > 1).nonzero().squeeze(1)
         if tied.numel():
-            columns = torch.arange(tgt.max().item() + 1, device=sub.device).unsqueeze(0)
+            columns = torch.arange(int(tgt.max()) + 1, device=sub.device).unsqueeze(0)
             low = sub[tied, : columns.shape[1]]
             before[tied] += ((low == t[tied]) & (columns < tgt[tied])).sum(dim=1)
         if exclude is not None:
@@ -226,6 +260,17 @@ def _order_members(member_scores: Tensor, members: Tensor, num_gallery: int) -> 
     _, order3 = (~valid).to(torch.uint8).sort(dim=1, stable=True)
     key_idx, valid = key_idx.gather(1, order3), valid.gather(1, order3)
     return torch.where(valid, key_idx, torch.full_like(key_idx, -1))
+
+
+def _drop_excluded(idx: Tensor, vals: Tensor, excl: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Remove each row's excluded index from its m = length + 1 candidates (the spare, last one
+    when it is not among them), with one gather instead of boolean masking."""
+    is_excl = idx == excl.unsqueeze(1)
+    last = torch.full_like(excl, idx.shape[1] - 1)
+    pos = torch.where(is_excl.any(dim=1), is_excl.to(torch.uint8).argmax(dim=1), last)
+    cols = torch.arange(length).unsqueeze(0)
+    source = cols + (cols >= pos.unsqueeze(1)).long()
+    return idx.gather(1, source), vals.gather(1, source)
 
 
 @dataclass(frozen=True)
@@ -318,13 +363,7 @@ def rank_split(
             vals, idx = vals.float().cpu(), idx.cpu()
             if has_exclusion:
                 assert exclude is not None
-                excl = exclude[start:stop].unsqueeze(1)
-                keep = idx != excl
-                # Rows whose excluded item is not among the candidates drop the spare one.
-                keep[keep.all(dim=1), -1] = False
-                # Explicit row count: view(-1, 0) is ambiguous when L is 0 (gallery of one).
-                idx = idx[keep].view(q, length)
-                vals = vals[keep].view(q, length)
+                idx, vals = _drop_excluded(idx, vals, exclude[start:stop], length)
             all_indices.append(idx)
             all_scores.append(vals)
             if target_ids is not None:

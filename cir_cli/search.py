@@ -69,6 +69,8 @@ _MODEL_DATA_KEYS = ("transform", "target_ratio", "image_size")
 # Extra faiss candidates re-scored with torch, so float differences between the two libraries at
 # the top-k boundary do not change which items are returned.
 _FAISS_MARGIN = 32
+# Bound on the (queries, candidates, D) float32 gather that re-scores faiss candidates (4 MiB).
+_FAISS_BATCH_ELEMENTS = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -896,38 +898,63 @@ def rank_faiss(
     gallery: torch.Tensor,
     k: int,
     exclude: torch.Tensor | None = None,
+    index: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k by inner product with faiss (exact flat index), same order as ranking.rank_gallery.
+    """Top-k by inner product with faiss, in the toolkit's order (higher score, lower index).
 
-    faiss proposes k + margin candidates; they are re-scored with torch and ordered by (higher
-    score, lower index), the toolkit's ranking rule, so the result equals the torch path unless
-    more than the margin of items tie with the k-th score to the last float bit.
+    Without `index` an exact flat index is built, and the result equals ranking.rank_gallery
+    unless more than the margin of items tie with the k-th score to the last float bit. With a
+    prebuilt `index` (an approximate one, cir_cli.ann) the candidates are whatever it finds.
+    faiss proposes k + margin candidates per query; they are re-scored with torch and ordered
+    by the tie rule. Queries go through in batches so the (batch, m, D) re-scoring gather stays
+    bounded (_FAISS_BATCH_ELEMENTS), whatever the number of queries. Approximate indexes may
+    find fewer than m candidates: the missing ones are -1 with score -inf, sorted last.
     """
-    import faiss
     import torch
 
-    g = np.ascontiguousarray(gallery.detach().cpu().numpy(), dtype=np.float32)
-    q = queries.detach().cpu().float()
-    n = g.shape[0]
+    g = gallery.detach().cpu()
+    if g.dtype != torch.float32:
+        g = g.float()
+    n, d = g.shape
     has_exclusion = exclude is not None and bool((exclude >= 0).any())
     length = min(k, n - int(has_exclusion))
     m = min(n, k + 1 + _FAISS_MARGIN)
-    flat = faiss.IndexFlatIP(g.shape[1])
-    flat.add(g)
-    _, found = flat.search(np.ascontiguousarray(q.numpy()), m)
-    # Candidates in index order, then a stable sort by score: (higher score, lower index).
-    cand = torch.from_numpy(found).long().sort(dim=1).values
-    scores = torch.einsum("qd,qmd->qm", q, gallery.detach().cpu().float()[cand])
-    scores, order = scores.sort(dim=1, descending=True, stable=True)
-    cand = cand.gather(1, order)
-    if has_exclusion:
-        assert exclude is not None
-        keep = cand != exclude.view(-1, 1)
-        # Rows whose excluded item is not among the candidates drop their last one instead.
-        keep[keep.all(dim=1), -1] = False
-        cand = cand[keep].view(q.shape[0], m - 1)
-        scores = scores[keep].view(q.shape[0], m - 1)
-    return cand[:, :length], scores[:, :length]
+    if index is None:
+        import faiss
+
+        index = faiss.IndexFlatIP(d)
+        index.add(np.ascontiguousarray(g.numpy()))
+    q_all = queries.detach().cpu().float()
+    batch = max(1, _FAISS_BATCH_ELEMENTS // (m * d))
+    out_idx: list[torch.Tensor] = []
+    out_scores: list[torch.Tensor] = []
+    for start in range(0, q_all.shape[0], batch):
+        q = q_all[start : start + batch]
+        _, found = index.search(np.ascontiguousarray(q.numpy()), m)
+        # Candidates in index order (-1 last), then a stable sort by score: (higher, lower index).
+        cand = torch.from_numpy(found).long()
+        missing = cand < 0
+        cand = torch.where(missing, torch.full_like(cand, n), cand).sort(dim=1).values
+        missing = cand >= n
+        rows = g[cand.clamp(max=n - 1)]
+        scores = torch.einsum("qd,qmd->qm", q, rows)
+        del rows
+        scores[missing] = float("-inf")
+        cand[missing] = -1
+        scores, order = scores.sort(dim=1, descending=True, stable=True)
+        cand = cand.gather(1, order)
+        if has_exclusion:
+            assert exclude is not None
+            keep = cand != exclude[start : start + q.shape[0]].view(-1, 1)
+            # Rows whose excluded item is not among the candidates drop their last one instead.
+            keep[keep.all(dim=1), -1] = False
+            cand = cand[keep].view(q.shape[0], m - 1)
+            scores = scores[keep].view(q.shape[0], m - 1)
+        out_idx.append(cand[:, :length])
+        out_scores.append(scores[:, :length])
+    if not out_idx:
+        return torch.empty((0, length), dtype=torch.long), torch.empty((0, length))
+    return torch.cat(out_idx), torch.cat(out_scores)
 
 
 def rank(
