@@ -67,8 +67,27 @@ def index(
     num_workers: Annotated[
         int | None, typer.Option("--num-workers", min=0, help="Default: data.num_workers.")
     ] = None,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Feature storage: float32 or float16 (half the disk).")
+    ] = "float32",
+    ann: Annotated[
+        str | None,
+        typer.Option("--ann", help="Also build an approximate faiss index: ivf or hnsw."),
+    ] = None,
+    ann_params: Annotated[
+        str | None,
+        typer.Option(
+            "--ann-params",
+            help="e.g. nlist=1024,nprobe=16 (ivf) or m=32,ef_search=128 (hnsw); "
+            "defaults from the gallery size.",
+        ),
+    ] = None,
 ) -> None:
-    """Encode a folder of images into a searchable index (or --update one)."""
+    """Encode a folder of images into a searchable index (or --update one).
+
+    Under `torchrun --nproc-per-node N -m cir_cli index ...` each process encodes a shard of
+    the files and rank 0 writes the index (the same index as one process).
+    """
     from cir_cli import search as lib
 
     if update is not None:
@@ -77,6 +96,10 @@ def index(
         cfg = _load(recipe, overrides, None, None) if recipe else None
         if overrides and cfg is None:
             raise CirError("--set needs --recipe (with --update the index's recipe is used)")
+        if ann or ann_params or dtype != "float32":
+            raise CirError(
+                "--dtype/--ann apply when building; --update keeps the index's own settings"
+            )
         summary = lib.update_index(folder, update, cfg, checkpoint, device, batch_size, num_workers)
         _print_summary(summary, "updated")
         return
@@ -85,8 +108,12 @@ def index(
     if out is None:
         raise CirError("--out <name>.cirindex is required (or --update <index>)")
     cfg = _load(recipe, overrides, None, None)
-    summary = lib.build_index(folder, cfg, out, checkpoint, device, batch_size, num_workers)
-    _print_summary(summary, "indexed")
+    summary = lib.build_index(
+        folder, cfg, out, checkpoint, device, batch_size, num_workers,
+        dtype=dtype, ann_kind=ann, ann_params=ann_params,
+    )
+    if summary.rank == 0:
+        _print_summary(summary, "indexed")
 
 
 def _results_table(result, title: str):
@@ -134,7 +161,12 @@ def search(
     checkpoint: CkptOpt = None,
     device: DeviceOpt = None,
     backend: Annotated[
-        str, typer.Option("--backend", help="auto (= torch), torch or faiss; exact either way.")
+        str,
+        typer.Option(
+            "--backend",
+            help="auto (ann when the index has one, else torch), torch, faiss (exact) or "
+            "ann (approximate).",
+        ),
     ] = "auto",
 ) -> None:
     """Find images matching a reference image modified by a text, in an index."""
