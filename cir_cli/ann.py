@@ -57,14 +57,15 @@ def parse_params(kind: str, text: str | None) -> dict[str, int]:
 
 
 def resolve_params(kind: str, params: dict[str, int], num_vectors: int) -> dict[str, int]:
-    """Fill defaults from the gallery size: IVF nlist ~ sqrt(N), nprobe ~ nlist / 50 (>= 8)."""
+    """Fill defaults from the gallery size: IVF nlist ~ 4 sqrt(N) (faiss's guideline),
+    nprobe ~ nlist / 128 (>= 8), trained on 40 points per cell (faiss wants >= 39)."""
     p = dict(params)
     if kind == "ivf":
-        # faiss wants >= 39 training points per cell; tiny galleries get fewer cells.
-        p.setdefault("nlist", max(1, min(int(math.sqrt(num_vectors)), num_vectors // 39 or 1)))
+        # Tiny galleries get fewer cells, so each still has its 39 training points.
+        p.setdefault("nlist", max(1, min(round(4 * math.sqrt(num_vectors)), num_vectors // 39)))
         p["nlist"] = min(p["nlist"], num_vectors)
-        p.setdefault("nprobe", min(p["nlist"], max(8, p["nlist"] // 50)))
-        p.setdefault("train_size", min(num_vectors, 64 * p["nlist"]))
+        p.setdefault("nprobe", min(p["nlist"], max(8, p["nlist"] // 128)))
+        p.setdefault("train_size", min(num_vectors, 40 * p["nlist"]))
         p.setdefault("seed", 0)
     else:
         p.setdefault("m", 32)
