@@ -137,7 +137,8 @@ def _stable_topk(scores: Tensor, m: int) -> tuple[Tensor, Tensor]:
     whose ``(m+1)``-th value is strictly below its ``m``-th has a unique top-``m`` set, found
     with no further pass over the row. Only rows where the two are equal (a tie straddles the
     cut) are repaired: everything strictly above the boundary is kept, plus the lowest-indexed
-    boundary ties, in blocks of rows so no full-chunk temporary is made.
+    boundary ties, in blocks of rows so no full-chunk temporary is made. The values come back
+    sorted; only rows with equal neighbours (or repaired rows) are re-sorted by index.
     """
     num_rows, n = scores.shape
     if m == 0 or num_rows == 0:
