@@ -85,8 +85,27 @@ def index(
         int | None, typer.Option("--num-workers", min=0, help="Default: data.num_workers.")
     ] = None,
     dry_run: DryRunOpt = False,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Feature storage: float32 or float16 (half the disk).")
+    ] = "float32",
+    ann: Annotated[
+        str | None,
+        typer.Option("--ann", help="Also build an approximate faiss index: ivf or hnsw."),
+    ] = None,
+    ann_params: Annotated[
+        str | None,
+        typer.Option(
+            "--ann-params",
+            help="e.g. nlist=1024,nprobe=16 (ivf) or m=32,ef_search=128 (hnsw); "
+            "defaults from the gallery size.",
+        ),
+    ] = None,
 ) -> None:
-    """Encode a folder of images into a searchable index (or --update one)."""
+    """Encode a folder of images into a searchable index (or --update one).
+
+    Under `torchrun --nproc-per-node N -m cir_cli index ...` each process encodes a shard of
+    the files and rank 0 writes the index (the same index as one process).
+    """
     if dry_run:
         if recipe is None:
             raise CirError("--dry-run needs --recipe")
@@ -106,6 +125,10 @@ def index(
         cfg = _load(recipe, overrides, None, None) if recipe else None
         if overrides and cfg is None:
             raise CirError("--set needs --recipe (with --update the index's recipe is used)")
+        if ann or ann_params or dtype != "float32":
+            raise CirError(
+                "--dtype/--ann apply when building; --update keeps the index's own settings"
+            )
         if cfg is not None:
             cfg, checkpoint = _resolve_and_say(cfg, checkpoint)
         summary = lib.update_index(folder, update, cfg, checkpoint, device, batch_size, num_workers)
@@ -118,8 +141,12 @@ def index(
     cfg = _load(recipe, overrides, None, None)
     # `latest` (the recipe's newest run) and hf:// work here as in validate and submit.
     cfg, checkpoint = _resolve_and_say(cfg, checkpoint)
-    summary = lib.build_index(folder, cfg, out, checkpoint, device, batch_size, num_workers)
-    _print_summary(summary, "indexed")
+    summary = lib.build_index(
+        folder, cfg, out, checkpoint, device, batch_size, num_workers,
+        dtype=dtype, ann_kind=ann, ann_params=ann_params,
+    )
+    if summary.rank == 0:
+        _print_summary(summary, "indexed")
 
 
 def _results_table(result, title: str):
@@ -179,7 +206,12 @@ def search(
     checkpoint: CkptOpt = None,
     device: DeviceOpt = None,
     backend: Annotated[
-        str, typer.Option("--backend", help="auto (= torch), torch or faiss; exact either way.")
+        str,
+        typer.Option(
+            "--backend",
+            help="auto (ann when the index has one, else torch), torch, faiss (exact) or "
+            "ann (approximate).",
+        ),
     ] = "auto",
 ) -> None:
     """Find images matching a reference image modified by a text, in an index."""

@@ -172,23 +172,10 @@ def evaluate_split(
     exclude = None
     if split.remove_reference:
         exclude = torch.tensor([gidx.get(t.reference, -1) for t in split.triplets])
-    score_fn = model.score
     result = SplitResult(split)
-
-    top = ranking.rank_gallery(
-        query_features,
-        gallery,
-        RANKING_DEPTH,
-        exclude=exclude,
-        score_fn=score_fn,
-        chunk_size=rank_chunk,
-    )
-    result.top = [[split.gallery[i] for i in row] for row in top.indices.tolist()]
-
     has_targets = all(t.target is not None for t in split.triplets)
     ks = RECALL_KS.get(split.dataset, metrics.FASHIONIQ_KS)
-    if has_targets and any(t.targets for t in split.triplets):
-        result.map_at, result.tag_map = _multi_target_map(split, top.indices)
+    targets = None
     if has_targets:
         missing = [t.target for t in split.triplets if t.target not in gidx]
         if missing:
@@ -197,19 +184,8 @@ def evaluate_split(
             raise CirError(
                 f"{split.label}: {len(missing)} target(s) not in the gallery, e.g. {missing[0]}"
             )
-        targets = torch.tensor([gidx[t.target] for t in split.triplets])
-    if has_targets and ks:
-        ranks = ranking.target_ranks(
-            query_features,
-            gallery,
-            targets,
-            exclude=exclude,
-            score_fn=score_fn,
-            chunk_size=rank_chunk,
-        )
-        result.recall = metrics.recall_from_ranks(ranks, ks)
-        result.ranks = ranks
-
+        targets = torch.tensor([gidx[t.target] for t in split.triplets], dtype=torch.long)
+    groups = None
     if split.has_groups:
         width = max(len(t.group) for t in split.triplets)  # CIRR 6, GeneCIS 15
         groups = torch.full((len(split.triplets), width), -1, dtype=torch.long)
@@ -217,9 +193,32 @@ def evaluate_split(
             # CIRR's subset drops the reference (removed from rankings); GeneCIS keeps all.
             members = [gidx[m] for m in t.group if m != t.reference or not split.remove_reference]
             groups[qi, : len(members)] = torch.tensor(members, dtype=torch.long)
-        ordered = ranking.rank_within_groups(query_features, gallery, groups, score_fn=score_fn)
+
+    # One scoring of each query chunk gives the top-50, the target ranks and the group orders
+    # (ranking.rank_split). The groups already lack the reference, so its exclusion from them
+    # (rank_split removes the excluded item from groups) changes nothing.
+    ranked = ranking.rank_split(
+        query_features,
+        gallery,
+        RANKING_DEPTH,
+        exclude=exclude,
+        target_ids=targets if (targets is not None and ks) else None,
+        score_fn=model.score,
+        chunk_size=rank_chunk,
+        groups=groups,
+    )
+    top = ranked.top
+    result.top = [[split.gallery[i] for i in row] for row in top.indices.tolist()]
+    if has_targets and any(t.targets for t in split.triplets):
+        result.map_at, result.tag_map = _multi_target_map(split, top.indices)
+    if ranked.ranks is not None:
+        result.recall = metrics.recall_from_ranks(ranked.ranks, ks)
+        result.ranks = ranked.ranks
+    if groups is not None:
+        assert ranked.groups is not None
+        ordered = ranked.groups
         result.subset_top = [[split.gallery[i] for i in row if i >= 0] for row in ordered.tolist()]
-        if has_targets:
+        if targets is not None:
             result.subset_recall = metrics.subset_recall_at_k(
                 ordered, targets, groups, metrics.CIRR_SUBSET_KS
             )

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cir_cli.ann import ANN_KINDS
 from cir_cli.errors import CirError
 from cir_cli.io import atomic_path, read_json, read_text, require_field, write_text_atomic
 
@@ -69,6 +70,10 @@ _MODEL_DATA_KEYS = ("transform", "target_ratio", "image_size")
 # Extra faiss candidates re-scored with torch, so float differences between the two libraries at
 # the top-k boundary do not change which items are returned.
 _FAISS_MARGIN = 32
+# Feature storage: float16 halves the file and the page cache; scores are computed in float32.
+FEATURE_DTYPES = ("float32", "float16")
+# Bound on the (queries, candidates, D) float32 gather that re-scores faiss candidates (4 MiB).
+_FAISS_BATCH_ELEMENTS = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +250,27 @@ class Index:
         # pages without copying them (a read-only map would make torch warn).
         return torch.from_numpy(self.features)
 
+    @property
+    def ann_spec(self) -> dict[str, Any] | None:
+        """{"kind", "params", "requested", "file"} of the approximate index, None without one."""
+        return self.manifest.get("ann")
+
+    def ann_index(self):
+        """The stored faiss approximate index (cir_cli.ann), with its recorded search params."""
+        from cir_cli import ann
+
+        spec = self.ann_spec
+        if spec is None:
+            raise CirError(
+                f"{self.location}: no approximate index (build one with `cir index ... --ann ivf`)"
+            )
+        return ann.read(self.location / spec["file"], spec["kind"], spec["params"])
+
+
+def gallery_dim(index: Index) -> int:
+    """Vectors per image: 1 for (N, D) features, T for (N, T, D)."""
+    return 1 if index.features.ndim == 2 else int(index.features.shape[1])
+
 
 def _corrupt(location: Path, what: str) -> CirError:
     return CirError(
@@ -308,6 +334,17 @@ def load_index(path: str | os.PathLike[str]) -> Index:
         features = np.load(feat_file, mmap_mode="c", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise _corrupt(location, f"{feat_file.name} is unreadable: {exc}") from None
+    if dtype not in FEATURE_DTYPES:
+        raise _corrupt(location, f"features dtype {dtype!r} (expected one of {FEATURE_DTYPES})")
+    spec = manifest.get("ann")
+    if spec is not None and (
+        not isinstance(spec, dict)
+        or spec.get("kind") not in ANN_KINDS
+        or not isinstance(spec.get("params"), dict)
+        or Path(str(spec.get("file"))).name != spec.get("file")
+        or not (location / str(spec.get("file"))).is_file()
+    ):
+        raise _corrupt(location, f"approximate index entry {spec!r} malformed or file missing")
     if features.shape != shape or str(features.dtype) != dtype:
         raise _corrupt(
             location,
@@ -341,21 +378,42 @@ def check_out_location(location: Path) -> None:
         )
 
 
-def _write_index(location: Path, manifest: dict[str, Any], features: np.ndarray) -> None:
-    """Write features under a new name, commit the manifest, then delete stale feature files."""
+def _write_index(
+    location: Path, manifest: dict[str, Any], features: np.ndarray, dtype: str = "float32"
+) -> None:
+    """Write features (and the approximate index, when the manifest asks for one) under new
+    names, commit the manifest, then delete stale files."""
     check_out_location(location)
+    if dtype not in FEATURE_DTYPES:
+        raise CirError(f"--dtype {dtype!r}: expected one of {', '.join(FEATURE_DTYPES)}")
     location.mkdir(parents=True, exist_ok=True)
-    name = f"features-{secrets.token_hex(6)}.npy"
+    token = secrets.token_hex(6)
+    name = f"features-{token}.npy"
     with atomic_path(location / name) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(features, dtype=np.float32))
+        np.save(fh, np.ascontiguousarray(features, dtype=np.dtype(dtype)))
     manifest["features"] = {
         "file": name,
         "shape": list(features.shape),
-        "dtype": "float32",
+        "dtype": dtype,
     }
+    keep = {name}
+    spec = manifest.get("ann")
+    if spec is not None:
+        from cir_cli import ann
+
+        # Built from the stored (possibly float16) values, so search re-scores what it indexed.
+        stored = np.load(location / name, mmap_mode="r")
+        params = ann.resolve_params(spec["kind"], spec.get("requested", {}), stored.shape[0])
+        ann_name = f"ann-{token}.faiss"
+        index = ann.build(np.asarray(stored, dtype=np.float32), spec["kind"], params)
+        with atomic_path(location / ann_name) as tmp:
+            ann.write(index, tmp)
+        del index, stored
+        manifest["ann"] = {**spec, "params": params, "file": ann_name}
+        keep.add(ann_name)
     write_text_atomic(location / MANIFEST, _manifest_text(manifest))
-    for stale in location.glob("features-*.npy"):
-        if stale.name != name:
+    for stale in [*location.glob("features-*.npy"), *location.glob("ann-*.faiss")]:
+        if stale.name not in keep:
             stale.unlink(missing_ok=True)
 
 
@@ -462,6 +520,8 @@ class IndexSummary:
     seconds: float = 0.0
     # Time spent decoding and encoding images (without model loading and writing).
     encode_seconds: float = 0.0
+    # Under torchrun: this process's rank (only rank 0 writes the index and reports).
+    rank: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -505,29 +565,132 @@ def build_index(
     batch_size: int | None = None,
     num_workers: int | None = None,
     model: CIRMethod | None = None,
+    dtype: str = "float32",
+    ann_kind: str | None = None,
+    ann_params: str | None = None,
 ) -> IndexSummary:
     """Encode every image under `folder` and write the index folder `out` (atomically).
 
     `model` may be passed when already loaded from the same recipe and checkpoint (tests,
-    notebooks); otherwise it is loaded with api.load_model.
+    notebooks); otherwise it is loaded with api.load_model. `dtype` is the feature storage
+    (float32 or float16); `ann_kind` ("ivf", "hnsw" or None) adds an approximate faiss index
+    built with `ann_params` ("key=value,...", see cir_cli.ann), recorded in the manifest.
+
+    Under torchrun (WORLD_SIZE > 1) every rank encodes its contiguous shard of the files and
+    rank 0 gathers the shards in rank order and writes the index: the same index as one
+    process. Other ranks return a summary with `rank` > 0 and write nothing.
     """
     start = time.perf_counter()
     root = Path(folder).expanduser().resolve()
     location = Path(out).expanduser()
     check_out_location(location)  # before the encoding, which may take hours
+    if dtype not in FEATURE_DTYPES:
+        raise CirError(f"--dtype {dtype!r}: expected one of {', '.join(FEATURE_DTYPES)}")
+    requested = None
+    if ann_kind is not None and ann_kind != "none":
+        from cir_cli import ann
+
+        requested = ann.parse_params(ann_kind, ann_params)
+        if not faiss_available():
+            raise CirError("--ann needs faiss (pip install faiss-cpu)")
+    elif ann_params:
+        raise CirError("--ann-params needs --ann ivf or --ann hnsw")
     entries = scan_folder(root)
     recipe = _resolve_recipe_paths(recipe)
     ckpt = str(Path(checkpoint).expanduser().resolve()) if checkpoint else None
-    if model is None:
-        model = _load_model(recipe, ckpt, device)
-    tic = time.perf_counter()
-    feats, ok, failed = encode_gallery(
-        model,
-        [root / e.path for e in entries],
-        batch_size or recipe.eval.batch_size,
-        recipe.data.num_workers if num_workers is None else num_workers,
-    )
-    encode_seconds = time.perf_counter() - tic
+    rank, world, started_dist = _distributed(device or recipe.device)
+    try:
+        if model is None:
+            model = _load_model(recipe, ckpt, _rank_device(device or recipe.device, rank, world))
+        # Contiguous shards, so rank-order concatenation is the single-process order.
+        lo, hi = rank * len(entries) // world, (rank + 1) * len(entries) // world
+        tic = time.perf_counter()
+        feats, ok, failed = encode_gallery(
+            model,
+            [root / e.path for e in entries[lo:hi]],
+            batch_size or recipe.eval.batch_size,
+            recipe.data.num_workers if num_workers is None else num_workers,
+        )
+        encode_seconds = time.perf_counter() - tic
+        ok = [lo + i for i in ok]
+        failed = {lo + i: reason for i, reason in failed.items()}
+        if world > 1:
+            feats, ok, failed = _gather_shards(feats, ok, failed, rank, world)
+            if rank != 0:
+                _barrier()
+                return IndexSummary(location, 0, seconds=time.perf_counter() - start, rank=rank)
+        summary = _finish_build(
+            root, location, entries, model, recipe, ckpt, feats, ok, failed, dtype, ann_kind,
+            requested,
+        )
+        if world > 1:
+            _barrier()
+    finally:
+        if started_dist:
+            from cir_cli.engine.distributed import shutdown_distributed
+
+            shutdown_distributed()
+    summary.seconds = time.perf_counter() - start
+    summary.encode_seconds = encode_seconds
+    return summary
+
+
+def _distributed(device: str | None) -> tuple[int, int, bool]:
+    """(rank, world size, whether this call started the process group) under torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, False
+    import torch
+    import torch.distributed as dist
+
+    from cir_cli.engine.distributed import init_distributed
+
+    started = not dist.is_initialized()
+    info, _ = init_distributed(torch.device(device or "cpu"))
+    return info.rank, info.world_size, started
+
+
+def _rank_device(device: str | None, rank: int, world: int) -> str | None:
+    if world > 1 and device is not None and device.startswith("cuda"):
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return device
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def _gather_shards(feats: np.ndarray, ok: list[int], failed: dict[int, str], rank: int, world: int):
+    """Rank 0 receives every rank's (features, positions, failures), concatenated in rank order."""
+    import torch.distributed as dist
+
+    parts: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object((feats, ok, failed), parts, dst=0)
+    if rank != 0:
+        return feats, ok, failed
+    assert parts is not None
+    arrays = [p[0] for p in parts if len(p[1])]
+    merged = np.concatenate(arrays) if arrays else np.empty((0,), dtype=np.float32)
+    all_ok = [i for p in parts for i in p[1]]
+    all_failed = {i: r for p in parts for i, r in p[2].items()}
+    return merged, all_ok, all_failed
+
+
+def _finish_build(
+    root: Path,
+    location: Path,
+    entries: list[FileEntry],
+    model: CIRMethod,
+    recipe: Recipe,
+    ckpt: str | None,
+    feats: np.ndarray,
+    ok: list[int],
+    failed: dict[int, str],
+    dtype: str,
+    ann_kind: str | None,
+    requested: dict[str, int] | None,
+) -> IndexSummary:
     if not ok:
         raise CirError(
             f"{root}: no readable images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}"
@@ -546,14 +709,14 @@ def build_index(
             for i in sorted(failed)
         ],
     }
-    _write_index(location, manifest, feats)
+    if requested is not None:
+        manifest["ann"] = {"kind": ann_kind, "requested": requested}
+    _write_index(location, manifest, feats, dtype)
     return IndexSummary(
         location=location,
         total=len(ok),
         encoded=[entries[i].path for i in ok],
         skipped=[(entries[i].path, failed[i]) for i in sorted(failed)],
-        seconds=time.perf_counter() - start,
-        encode_seconds=encode_seconds,
     )
 
 
@@ -723,6 +886,7 @@ def update_index(
             f"{shape}; rebuild the index"
         )
     out = np.empty((len(final), *shape), dtype=np.float32)
+    dtype = str(index.manifest["features"]["dtype"])
     old_take = [(pos, row) for pos, (_, _, src, row) in enumerate(final) if src == "old"]
     new_take = [(pos, row) for pos, (_, _, src, row) in enumerate(final) if src == "new"]
     if old_take:
@@ -742,7 +906,7 @@ def update_index(
     )
     # Release the old map before its file is deleted (Windows cannot delete a mapped file).
     del index
-    _write_index(Path(index_path).expanduser(), manifest, out)
+    _write_index(Path(index_path).expanduser(), manifest, out, dtype)
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -914,38 +1078,63 @@ def rank_faiss(
     gallery: torch.Tensor,
     k: int,
     exclude: torch.Tensor | None = None,
+    index: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k by inner product with faiss (exact flat index), same order as ranking.rank_gallery.
+    """Top-k by inner product with faiss, in the toolkit's order (higher score, lower index).
 
-    faiss proposes k + margin candidates; they are re-scored with torch and ordered by (higher
-    score, lower index), the toolkit's ranking rule, so the result equals the torch path unless
-    more than the margin of items tie with the k-th score to the last float bit.
+    Without `index` an exact flat index is built, and the result equals ranking.rank_gallery
+    unless more than the margin of items tie with the k-th score to the last float bit. With a
+    prebuilt `index` (an approximate one, cir_cli.ann) the candidates are whatever it finds.
+    faiss proposes k + margin candidates per query; they are re-scored with torch and ordered
+    by the tie rule. Queries go through in batches so the (batch, m, D) re-scoring gather stays
+    bounded (_FAISS_BATCH_ELEMENTS), whatever the number of queries. Approximate indexes may
+    find fewer than m candidates: the missing ones are -1 with score -inf, sorted last.
     """
-    import faiss
     import torch
 
-    g = np.ascontiguousarray(gallery.detach().cpu().numpy(), dtype=np.float32)
-    q = queries.detach().cpu().float()
-    n = g.shape[0]
+    g = gallery.detach().cpu()
+    if g.dtype != torch.float32:
+        g = g.float()
+    n, d = g.shape
     has_exclusion = exclude is not None and bool((exclude >= 0).any())
     length = min(k, n - int(has_exclusion))
     m = min(n, k + 1 + _FAISS_MARGIN)
-    flat = faiss.IndexFlatIP(g.shape[1])
-    flat.add(g)
-    _, found = flat.search(np.ascontiguousarray(q.numpy()), m)
-    # Candidates in index order, then a stable sort by score: (higher score, lower index).
-    cand = torch.from_numpy(found).long().sort(dim=1).values
-    scores = torch.einsum("qd,qmd->qm", q, gallery.detach().cpu().float()[cand])
-    scores, order = scores.sort(dim=1, descending=True, stable=True)
-    cand = cand.gather(1, order)
-    if has_exclusion:
-        assert exclude is not None
-        keep = cand != exclude.view(-1, 1)
-        # Rows whose excluded item is not among the candidates drop their last one instead.
-        keep[keep.all(dim=1), -1] = False
-        cand = cand[keep].view(q.shape[0], m - 1)
-        scores = scores[keep].view(q.shape[0], m - 1)
-    return cand[:, :length], scores[:, :length]
+    if index is None:
+        import faiss
+
+        index = faiss.IndexFlatIP(d)
+        index.add(np.ascontiguousarray(g.numpy()))
+    q_all = queries.detach().cpu().float()
+    batch = max(1, _FAISS_BATCH_ELEMENTS // (m * d))
+    out_idx: list[torch.Tensor] = []
+    out_scores: list[torch.Tensor] = []
+    for start in range(0, q_all.shape[0], batch):
+        q = q_all[start : start + batch]
+        _, found = index.search(np.ascontiguousarray(q.numpy()), m)
+        # Candidates in index order (-1 last), then a stable sort by score: (higher, lower index).
+        cand = torch.from_numpy(found).long()
+        missing = cand < 0
+        cand = torch.where(missing, torch.full_like(cand, n), cand).sort(dim=1).values
+        missing = cand >= n
+        rows = g[cand.clamp(max=n - 1)]
+        scores = torch.einsum("qd,qmd->qm", q, rows)
+        del rows
+        scores[missing] = float("-inf")
+        cand[missing] = -1
+        scores, order = scores.sort(dim=1, descending=True, stable=True)
+        cand = cand.gather(1, order)
+        if has_exclusion:
+            assert exclude is not None
+            keep = cand != exclude[start : start + q.shape[0]].view(-1, 1)
+            # Rows whose excluded item is not among the candidates drop their last one instead.
+            keep[keep.all(dim=1), -1] = False
+            cand = cand[keep].view(q.shape[0], m - 1)
+            scores = scores[keep].view(q.shape[0], m - 1)
+        out_idx.append(cand[:, :length])
+        out_scores.append(scores[:, :length])
+    if not out_idx:
+        return torch.empty((0, length), dtype=torch.long), torch.empty((0, length))
+    return torch.cat(out_idx), torch.cat(out_scores)
 
 
 def rank(
@@ -955,8 +1144,12 @@ def rank(
     k: int,
     exclude: torch.Tensor | None = None,
     backend: str = "auto",
+    ann_index: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices, scores) of the top-k gallery rows per query, best first.
+
+    backend "ann": the prebuilt approximate faiss index `ann_index` (cir_cli.ann) proposes
+    candidates, re-scored exactly; results are approximate (see benchmarks/bench_rank.py).
 
     backend "torch": ranking.rank_gallery with the method's score (exact, stable). "faiss":
     rank_faiss (exact flat index; inner-product methods only; faiss must be installed). "auto"
@@ -967,8 +1160,12 @@ def rank(
     """
     from cir_cli.ranking import rank_gallery
 
-    if backend not in ("auto", "torch", "faiss"):
-        raise CirError(f"--backend {backend!r}: expected auto, torch or faiss")
+    if backend not in ("auto", "torch", "faiss", "ann"):
+        raise CirError(f"--backend {backend!r}: expected auto, torch, faiss or ann")
+    if backend == "ann":
+        if ann_index is None:
+            raise CirError("--backend ann: the index has no approximate index (cir index --ann)")
+        return rank_faiss(queries, gallery, k, exclude, index=ann_index)
     if backend == "faiss":
         if not faiss_available():
             raise CirError("--backend faiss: faiss is not installed (pip install faiss-cpu)")
@@ -993,18 +1190,28 @@ def search(
 
     if k < 1:
         raise CirError(f"-k {k}: expected a positive number of results")
+    if backend == "auto" and index.ann_spec is not None:
+        backend = "ann"  # built on purpose for a gallery too large for exact search
+    ann_index = None
+    if backend == "ann":
+        if gallery_dim(index) != 1:
+            raise CirError(f"--backend ann: {index.location} holds multi-vector features")
+        ann_index = index.ann_index()
     features = encode_queries(model, queries, batch_size)
-    gallery = index.feature_tensor().to(model.device)
+    # float16 storage is scored in float32 (CPU matmul has no fast float16 path).
+    gallery = index.feature_tensor().to(model.device, torch.float32)
     exclude = None
     if exclude_query:
         exclude = torch.tensor([index.row_of(q.image) for q in queries], dtype=torch.long)
-    indices, scores = rank(model, features, gallery, k, exclude, backend)
+    indices, scores = rank(model, features, gallery, k, exclude, backend, ann_index)
     results = []
     for qi, query in enumerate(queries):
         rows = indices[qi].tolist()
+        # An approximate index may find fewer than k items: its -1 padding is not a hit.
         hits = [
             Hit(r + 1, float(s), index.path_of(i))
             for r, (i, s) in enumerate(zip(rows, scores[qi].tolist(), strict=True))
+            if i >= 0
         ]
         target_rank = None
         if query.target is not None:

@@ -49,13 +49,23 @@ class ValidationRun:
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, float]) -> None:
-    import pandas as pd
+    """metrics.json and a one-row metrics.csv (the csv module: pandas is a slow import here)."""
+    import csv
+    import io
+    import math
 
-    from cir_cli.io import atomic_path
+    from cir_cli.io import write_text_atomic
 
     write_json_atomic(run_dir / "metrics.json", metrics)
-    with atomic_path(run_dir / "metrics.csv") as tmp:
-        pd.DataFrame([metrics]).to_csv(tmp, index=False)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(list(metrics))
+    # As pandas wrote it: repr of each float, an empty cell for NaN / None.
+    writer.writerow(
+        "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
+        for v in metrics.values()
+    )
+    write_text_atomic(run_dir / "metrics.csv", buf.getvalue())
 
 
 def run_validation(

@@ -89,3 +89,28 @@ def test_a_rewritten_image_file_is_re_encoded(tmp_path: Path) -> None:
     os.utime(files["a2"], ns=(1, 1))
     cache.get_or_compute_images("k", ["a1", "a2"], files, compute)
     assert compute.names == ["a1", "a2", "a2"]
+
+
+def test_file_identities_equal_file_identity(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    from cir_cli.cache import file_identities, file_identity
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "a.png").write_bytes(b"a")
+    (real / "b.png").write_bytes(b"bb")
+    os.symlink(real, tmp_path / "linked_dir")
+    os.symlink(real / "b.png", real / "link.png")
+    monkeypatch.chdir(real)
+    paths = {
+        "plain": real / "a.png",
+        "via_dir_link": tmp_path / "linked_dir" / "a.png",
+        "file_link": real / "link.png",
+        "missing": real / "gone.png",
+        "relative": Path("b.png"),
+        "relative_str": "b.png",
+        "dotted": tmp_path / "linked_dir" / ".." / "real" / "a.png",
+    }
+    names = list(paths)
+    assert file_identities(names, paths) == [file_identity(n, paths[n]) for n in names]

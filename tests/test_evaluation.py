@@ -143,3 +143,15 @@ def test_submit_cirr_on_placeholder_images(placeholder_cirr, shared_data, tmp_pa
         assert len(set(ours[key])) == 50 and record["reference"] not in ours[key]
         assert set(subset[key]) <= set(record["img_set"]["members"]) - {record["reference"]}
         assert len(subset[key]) == 3
+
+
+def test_metrics_csv_without_pandas_reads_back_as_pandas_wrote_it(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from cir_cli.workflows import write_metrics
+
+    metrics = {"recall_at1": 12.345678901234567, "recall_at5": 50.0, "x": float("nan"), "n": 3}
+    write_metrics(tmp_path, metrics)
+    ours = (tmp_path / "metrics.csv").read_text()
+    pd.DataFrame([metrics]).to_csv(tmp_path / "pandas.csv", index=False)
+    assert ours == (tmp_path / "pandas.csv").read_text()
