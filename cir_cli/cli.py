@@ -238,6 +238,15 @@ def _print_metrics(metrics: dict[str, float], title: str) -> None:
     _console().print(table)
 
 
+SaveCandidatesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--save-candidates",
+        help="Also write each query's top-K names + scores per split (a re-ranker's input).",
+    ),
+]
+
+
 @app.command()
 @cli_command
 def validate(
@@ -253,6 +262,7 @@ def validate(
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Do not use the feature cache.")
     ] = False,
+    save_candidates: SaveCandidatesOpt = None,
 ) -> None:
     """Evaluate a recipe's model on its dataset's validation split; prints and saves metrics."""
     from cir_cli.workflows import run_validation
@@ -264,6 +274,7 @@ def validate(
         split=split,
         save_rankings=save_rankings or cfg.eval.save_rankings,
         use_cache=not no_cache,
+        save_candidates=save_candidates,
     )
     _print_metrics(result.metrics, f"{cfg.name} on {cfg.data.dataset} {split or cfg.eval.split}")
     _console().print(f"results in {result.run_dir}")
@@ -332,12 +343,15 @@ def submit(
     name: Annotated[
         str | None, typer.Option("--name", help="Submission name (default: recipe).")
     ] = None,
+    save_candidates: SaveCandidatesOpt = None,
 ) -> None:
     """Write the benchmark's test-server submission files, validated, atomically."""
     from cir_cli.workflows import run_submission
 
     cfg = _load(recipe, overrides, output_dir, device)
-    paths = run_submission(cfg, benchmark, checkpoint=checkpoint, name=name)
+    paths = run_submission(
+        cfg, benchmark, checkpoint=checkpoint, name=name, save_candidates=save_candidates
+    )
     for path in paths:
         _console().print(f"wrote {path}")
 
