@@ -612,3 +612,85 @@ def test_paper_recipes_carry_the_published_settings() -> None:
         assert r.backbone.image_size == 384 and r.data.target_ratio == 1.25
     assert fiq.data.dataset == "fashioniq" and cirr.data.dataset == "cirr"
     assert sprc.rerank.candidates == "candidates/sprc_cirr" and sprc.rerank.k == 50
+
+
+# --------------------------------------------------------------------------------------------
+# Against the reference's own encoder file (read from a checkout, never copied here)
+
+
+@pytest.mark.lavis
+def test_dual_encoder_matches_the_reference_module() -> None:
+    """CR's `src/nlvr_encoder.py` (a checkout named by CIR_RERANK_REFERENCE, e.g.
+    Candidate-Reranking-CIR/src) imports under transformers <= 4.55 (`tox -e lavis`). Loaded
+    with our state dict (same key names), it gives the same scores: 8 layers so that layers
+    0-5 average and 6-7 merge (CR hard-codes 6), padded captions, eval mode."""
+    import importlib.util
+    import os
+
+    folder = os.environ.get("CIR_RERANK_REFERENCE")
+    if not folder or not (Path(folder) / "nlvr_encoder.py").is_file():
+        pytest.skip("set CIR_RERANK_REFERENCE to Candidate-Reranking-CIR/src (nlvr_encoder.py)")
+    transformers = pytest.importorskip("transformers")
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    if (major, minor) > (4, 55):
+        pytest.skip(f"CR's encoder needs transformers <= 4.55 (have {transformers.__version__})")
+    spec = importlib.util.spec_from_file_location(
+        "cr_nlvr_encoder", Path(folder) / "nlvr_encoder.py"
+    )
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    from transformers.models.bert.configuration_bert import BertConfig
+
+    cfg = DualEncoderConfig(
+        vocab_size=30,
+        hidden_size=16,
+        num_layers=8,
+        num_heads=2,
+        intermediate_size=24,
+        encoder_width=12,
+        max_position_embeddings=20,
+        merge_from_layer=6,
+    )
+    bert = BertConfig(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=8,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=20,
+        add_cross_attention=True,
+        hidden_act="gelu",
+        layer_norm_eps=1e-12,
+    )
+    bert.encoder_width = 12
+    theirs = ref.BertModel(bert, add_pooling_layer=False).eval()
+    ours = DualEncoderScorer(cfg).eval()
+    _randomise(ours, seed=7)
+    state = {
+        k.removeprefix("text_encoder."): v
+        for k, v in ours.state_dict().items()
+        if k.startswith("text_encoder.")
+    }
+    missing, unexpected = theirs.load_state_dict(state, strict=False)
+    assert [k for k in missing if not k.endswith("position_ids")] == [] and unexpected == []
+    torch.manual_seed(8)
+    ids = torch.randint(1, 30, (3, 6))
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    z_t = torch.randn(3, 6, 16)
+    image = torch.randn(3, 9, 12)
+    atts = torch.ones(3, 9, dtype=torch.long)
+    with torch.no_grad():
+        pooled = theirs(
+            ids,
+            attention_mask=mask,
+            z_t=z_t,
+            encoder_hidden_states=[image, image],
+            encoder_attention_mask=[atts, atts],
+            return_dict=True,
+        )
+        want = ours.cls_head(pooled)[:, 0]
+        got = ours(ids, mask, z_t, image)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert float(want.std()) > 1e-3  # distinct scores: the comparison is not vacuous
+    print(f"reference parity: max |diff| {float((got - want).abs().max()):.2e}, {want.tolist()}")
