@@ -694,3 +694,18 @@ def test_dual_encoder_matches_the_reference_module() -> None:
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
     assert float(want.std()) > 1e-3  # distinct scores: the comparison is not vacuous
     print(f"reference parity: max |diff| {float((got - want).abs().max()):.2e}, {want.tolist()}")
+
+
+def test_cli_save_candidates_and_rerank_errors_are_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cir_cli.cli import app
+
+    runner = CliRunner()
+    bad = runner.invoke(app, ["validate", "--recipe", "toy_rerank", "--save-candidates", "0"])
+    assert bad.exit_code == 2 and "--save-candidates 0" in bad.output
+    assert "Traceback" not in bad.output
+    typo = runner.invoke(
+        app, ["recipes", "validate", "toy_rerank", "--set", 'rerank.fusion="product"']
+    )
+    assert typo.exit_code == 2 and "rerank.fusion" in typo.output
