@@ -709,3 +709,43 @@ def test_cli_save_candidates_and_rerank_errors_are_one_line(tmp_path: Path) -> N
         app, ["recipes", "validate", "toy_rerank", "--set", 'rerank.fusion="product"']
     )
     assert typo.exit_code == 2 and "rerank.fusion" in typo.output
+
+
+@pytest.mark.slow
+def test_fashioniq_layout_reranks_each_category_past_50(tmp_path: Path) -> None:
+    """FashionIQ protocol (toy layout): one candidate list per category, the reference kept,
+    K = 60 > 50 so R@50 comes from the re-ordered list too (rerank_fiq uses K = 100)."""
+    from cir_cli import api
+    from cir_cli.data.toy import generate_toy
+    from cir_cli.recipes import load_recipe
+    from cir_cli.workflows import run_training, run_validation
+
+    root = tmp_path / "toy_fiq"
+    generate_toy(root, fmt="fashioniq", n_train_triplets=64, n_val_queries=24, n_test_queries=8)
+    shapes = ["circle", "square", "triangle", "star"]
+    sets = toy_overrides(root, tmp_path / "runs") + [
+        'data.dataset="fashioniq"',
+        f"data.categories={json.dumps(shapes)}",
+        'data.test_split="test"',
+        "finetune.max_steps=1",
+        "finetune.epochs=1",
+        "finetune.batch_size=16",
+        "combiner.max_steps=1",
+        "combiner.epochs=1",
+        "combiner.validate_every=1",
+        "rerank.k=60",
+    ]
+    s1 = run_training(load_recipe("toy_rerank", sets), "finetune")
+    sets.append(f'finetune.checkpoint="{s1.run_dir}"')
+    s2 = run_training(load_recipe("toy_rerank", sets), "combiner")
+    assert "average_recall" in s2.best and "first_stage_average_recall" in s2.best
+    recipe = load_recipe("toy_rerank", sets)
+    run = run_validation(recipe, checkpoint=str(s2.run_dir), save_candidates=60)
+    names = sorted(p.name for p in run.run_dir.glob("candidates_*.json"))
+    assert names == sorted(f"candidates_fashioniq_val_{s}.json" for s in shapes)
+    for result in run.evaluation.splits:
+        first = result.first_stage
+        for new, old in zip(result.top, first.top, strict=True):
+            assert sorted(new[:60]) == sorted(old[:60])
+    model = api.load_model(recipe, checkpoint=str(s2.run_dir))
+    assert model.describe()["stage2_loaded"]
