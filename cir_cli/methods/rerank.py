@@ -299,10 +299,8 @@ class Rerank(CIRMethod):
             head = result.top[q][:k]
             if t.target in head:
                 ranks.append(head.index(t.target))
-            elif first.target_ranks is not None:
+            else:  # first-stage rank (a list without the target: the gallery size, a miss)
                 ranks.append(int(first.target_ranks[q]))
-            else:  # beyond the list: a miss at every k the list can answer
-                ranks.append(len(split.gallery))
         result.target_ranks = torch.tensor(ranks, dtype=torch.long)
         ks = RECALL_KS.get(split.dataset, metrics.FASHIONIQ_KS)
         result.recall = metrics.recall_from_ranks(result.target_ranks, ks)
@@ -488,7 +486,8 @@ def result_from_lists(
         for t, row in zip(split.triplets, lists, strict=True)
     ]
     ks = RECALL_KS.get(split.dataset, metrics.FASHIONIQ_KS)
-    result.recall = metrics.recall_from_ranks(torch.tensor(ranks), ks)
+    result.target_ranks = torch.tensor(ranks, dtype=torch.long)
+    result.recall = metrics.recall_from_ranks(result.target_ranks, ks)
     if split.has_groups and split.remove_reference:
         width = max(len(r) for r in lists)
         ranked = torch.full((len(lists), width), -1, dtype=torch.long)
