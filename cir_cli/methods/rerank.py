@@ -672,12 +672,11 @@ class RerankStage2(_RerankTask):
 def pair_logits(
     model: Rerank, ids: torch.Tensor, mask: torch.Tensor, z_t: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
-    """(B, B) s_ij = score(query i, target j), as CR: B passes of B rows (spec 5)."""
+    """(B, B) s_ij = score(query i, target j) (spec 5). CR ran B passes of B rows; one pass of
+    B² rows gives the same scores with far fewer kernel launches, and no more memory (autograd
+    kept every pass's activations for the backward anyway)."""
     b = ids.shape[0]
-    rows = [
-        model.pair_scores(
-            ids[i].expand(b, -1), mask[i].expand(b, -1), z_t[i].expand(b, -1, -1), targets
-        )
-        for i in range(b)
-    ]
-    return torch.stack(rows)
+    rows = torch.arange(b, device=ids.device).repeat_interleave(b)  # query of each pair
+    cols = torch.arange(b, device=ids.device).repeat(b)  # target of each pair
+    scores = model.pair_scores(ids[rows], mask[rows], z_t[rows], targets[cols])
+    return scores.view(b, b)
