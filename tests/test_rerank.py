@@ -284,7 +284,7 @@ def test_init_from_model_base_layout_copies_each_tensor(tiny_model_base, tmp_pat
         model.scorer.text_encoder.encoder.layer[0].crossattention.output, "merge_layer"
     )
     # Stage I: the towers and temp come from the same file.
-    assert float(model.temp) == pytest.approx(0.0543)
+    assert float(model.temp.detach()) == pytest.approx(0.0543)
     te = model.backbone.text_encoder.state_dict()
     assert torch.equal(
         te["encoder.layer.0.crossattention.self.key.weight"],
@@ -318,7 +318,7 @@ def test_published_layouts_load_strictly_and_mismatch_is_one_error(tiny_model_ba
     torch.save({"epoch": 7, "BLIP_NLVR": nlvr, "optimizer_state_dict": {}}, s2)
 
     model.load_checkpoint(str(s1))
-    assert float(model.temp) == pytest.approx(0.031)
+    assert float(model.temp.detach()) == pytest.approx(0.031)
     assert torch.equal(
         model.backbone.text_encoder.state_dict()[
             "encoder.layer.1.crossattention.self.query.weight"
