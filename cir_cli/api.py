@@ -120,10 +120,16 @@ def default_cache(recipe: Recipe) -> FeatureCache:
 
 
 def validate(
-    model: CIRMethod, recipe: Recipe, split: str | None = None, use_cache: bool = True
+    model: CIRMethod,
+    recipe: Recipe,
+    split: str | None = None,
+    use_cache: bool = True,
+    depth: int | None = None,
 ) -> Evaluation:
-    """Evaluate `model` on the recipe's dataset split with the dataset's protocol."""
-    from cir_cli.evaluation import evaluate
+    """Evaluate `model` on the recipe's dataset split with the dataset's protocol.
+
+    `depth`: keep this many ranked names per query (default: the servers' 50)."""
+    from cir_cli.evaluation import RANKING_DEPTH, evaluate
 
     splits = load_eval_splits(recipe, split)
     return evaluate(
@@ -133,4 +139,5 @@ def validate(
         batch_size=recipe.eval.batch_size,
         num_workers=recipe.data.num_workers,
         rank_chunk=recipe.eval.rank_chunk,
+        depth=depth or RANKING_DEPTH,
     )

@@ -396,6 +396,15 @@ def _print_metrics(metrics: dict[str, float], title: str) -> None:
     _console().print(table)
 
 
+SaveCandidatesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--save-candidates",
+        help="Also write each query's top-K names + scores per split (a re-ranker's input).",
+    ),
+]
+
+
 @app.command()
 @cli_command
 def validate(
@@ -419,6 +428,7 @@ def validate(
         int, typer.Option("--report-queries", min=1, help="Worst and best queries shown per split.")
     ] = 8,
     dry_run: DryRunOpt = False,
+    save_candidates: SaveCandidatesOpt = None,
 ) -> None:
     """Evaluate a recipe's model on its dataset's validation split; prints and saves metrics."""
     cfg = _load(recipe, overrides, output_dir, device)
@@ -438,6 +448,7 @@ def validate(
         use_cache=not no_cache,
         report=report,
         report_queries=report_queries,
+        save_candidates=save_candidates,
     )
     _print_metrics(result.metrics, f"{cfg.name} on {cfg.data.dataset} {split or cfg.eval.split}")
     _console().print(f"results in {result.run_dir}", soft_wrap=True)
@@ -538,6 +549,7 @@ def submit(
         str | None, typer.Option("--name", help="Submission name (default: recipe).")
     ] = None,
     dry_run: DryRunOpt = False,
+    save_candidates: SaveCandidatesOpt = None,
 ) -> None:
     """Write the benchmark's test-server submission files, validated, atomically."""
     cfg = _load(recipe, overrides, output_dir, device)
@@ -549,7 +561,9 @@ def submit(
     from cir_cli.workflows import run_submission
 
     cfg, checkpoint = _resolve_and_say(cfg, checkpoint)
-    paths = run_submission(cfg, benchmark, checkpoint=checkpoint, name=name)
+    paths = run_submission(
+        cfg, benchmark, checkpoint=checkpoint, name=name, save_candidates=save_candidates
+    )
     for path in paths:
         _console().print(f"wrote {path}", soft_wrap=True)
     server = SUBMISSION_SERVERS.get(benchmark)

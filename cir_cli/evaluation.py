@@ -40,16 +40,20 @@ class SplitResult:
     split: CIRSplit
     recall: dict[int, float] = field(default_factory=dict)
     subset_recall: dict[int, float] = field(default_factory=dict)
-    # Per query: top-50 gallery names (reference removed where the protocol says so).
+    # Per query: top-50 gallery names (reference removed where the protocol says so); deeper
+    # when evaluate() was asked for a larger `depth` (candidate lists, re-ranking).
     top: list[list[str]] = field(default_factory=list)
+    # The scores of `top`, per query (for candidate lists).
+    top_scores: list[list[float]] = field(default_factory=list)
+    # Each query's 0-based target rank over the whole gallery (splits with targets).
+    target_ranks: torch.Tensor | None = None
+    # A re-ranked split keeps the first stage's result here (its metrics: first_stage_*).
+    first_stage: SplitResult | None = None
     # Per query: the group members (minus reference) in ranked order (CIRR subset protocol).
     subset_top: list[list[str]] = field(default_factory=list)
     # Multi-target splits (Triplet.targets, CIRCO): mAP@k of the top-50, and mAP@10 per tag.
     map_at: dict[int, float] = field(default_factory=dict)
     tag_map: dict[str, float] = field(default_factory=dict)
-    # Per query: the 0-based rank of its target in the whole gallery (single-target recall
-    # splits), kept for per-query views such as `cir validate --report`.
-    ranks: torch.Tensor | None = None
 
 
 @dataclass
@@ -60,7 +64,7 @@ class Evaluation:
     def rankings(self) -> dict[str, list[str]]:
         """query id -> top-50 gallery names (the shape the CIRR/CIRCO servers take)."""
         return {
-            t.query_id: names
+            t.query_id: names[:RANKING_DEPTH]
             for result in self.splits
             for t, names in zip(result.split.triplets, result.top, strict=True)
         }
@@ -142,8 +146,11 @@ def evaluate_split(
     num_workers: int = 0,
     rank_chunk: int = 1024,
     representations: tuple[list[str], torch.Tensor] | None = None,
+    depth: int = RANKING_DEPTH,
 ) -> SplitResult:
-    """Rank every query of `split` against its gallery and compute the split's recalls."""
+    """Rank every query of `split` against its gallery and compute the split's recalls.
+
+    `result.top` keeps the best `depth` names per query (at least the servers' 50)."""
     names, reps = representations or split_representations(
         model, split, cache, batch_size, num_workers
     )
@@ -200,7 +207,7 @@ def evaluate_split(
     ranked = ranking.rank_split(
         query_features,
         gallery,
-        RANKING_DEPTH,
+        max(depth, RANKING_DEPTH),
         exclude=exclude,
         target_ids=targets if (targets is not None and ks) else None,
         score_fn=model.score,
@@ -209,11 +216,15 @@ def evaluate_split(
     )
     top = ranked.top
     result.top = [[split.gallery[i] for i in row] for row in top.indices.tolist()]
+    result.top_scores = top.scores.tolist()
     if has_targets and any(t.targets for t in split.triplets):
-        result.map_at, result.tag_map = _multi_target_map(split, top.indices)
+        # CIRCO's mAP is over the servers' 50, also when a deeper list was kept.
+        result.map_at, result.tag_map = _multi_target_map(
+            split, top.indices[:, :RANKING_DEPTH]
+        )
     if ranked.ranks is not None:
         result.recall = metrics.recall_from_ranks(ranked.ranks, ks)
-        result.ranks = ranked.ranks
+        result.target_ranks = ranked.ranks
     if groups is not None:
         assert ranked.groups is not None
         ordered = ranked.groups
@@ -269,6 +280,28 @@ def evaluate(
     batch_size: int = 32,
     num_workers: int = 0,
     rank_chunk: int = 1024,
+    depth: int = RANKING_DEPTH,
 ) -> Evaluation:
-    results = [evaluate_split(model, s, cache, batch_size, num_workers, rank_chunk) for s in splits]
-    return Evaluation(summarize(results), results)
+    results = []
+    # A method with a second stage (re-ranking) evaluates a split its own way when the recipe
+    # asks for it (`rerank_split` returns None otherwise).
+    rerank = getattr(model, "rerank_split", None)
+    for s in splits:
+        result = None
+        if rerank is not None:
+            result = rerank(s, cache, batch_size, num_workers, rank_chunk, depth)
+        if result is None:
+            result = evaluate_split(
+                model, s, cache, batch_size, num_workers, rank_chunk, depth=depth
+            )
+        results.append(result)
+    return Evaluation(summarize_with_first_stage(results), results)
+
+
+def summarize_with_first_stage(results: list[SplitResult]) -> dict[str, float]:
+    """summarize(), plus the first stage's metrics as first_stage_* for re-ranked splits."""
+    summary = summarize(results)
+    firsts = [r.first_stage for r in results]
+    if results and all(f is not None for f in firsts):
+        summary.update({f"first_stage_{k}": v for k, v in summarize(firsts).items()})
+    return summary

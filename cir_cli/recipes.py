@@ -166,8 +166,36 @@ class CalaMethod(_Section):
     compat_reshape: bool = False
 
 
+class RerankMethod(_Section):
+    """Candidate re-ranking (Liu et al., TMLR 2024; spec reranking.md): stage I = BLIP's
+    image-grounded text encoder cross-attending to the reference's ViT tokens ([ENC] pooling,
+    learnable temperature; `cir finetune`), stage II = the dual multi-modal encoder scoring
+    (query, candidate) pairs (`cir train-combiner`). Re-ranking at evaluation: [rerank]."""
+
+    name: Literal["rerank"] = "rerank"
+    # Layers >= this merge the two branches' cross-attention outputs with a learned Linear;
+    # earlier layers average them (CR: 6 of 12).
+    merge_from_layer: int = Field(6, ge=0)
+    # CR's per-epoch cosine lr(e) = lr/2 (1 + cos(pi e / max_epoch)) with these periods
+    # (--blip-max-epoch: CIRR 10 / 80, FashionIQ 20 / 50); None = the stage's epochs.
+    finetune_max_epoch: int | None = Field(None, ge=1)
+    rerank_max_epoch: int | None = Field(None, ge=1)
+    # CR's cosine is not clamped: past max_epoch it rises again (true reproduces); false
+    # holds it at 0 after max_epoch.
+    periodic_cosine: bool = True
+    # Stage-II AdamW weight decay (CR's nlvr.yaml: 0.05); stage I uses finetune.weight_decay.
+    rerank_weight_decay: float = Field(0.05, ge=0)
+    # Stage-II training inputs: z_t from the stage-I encoder in train mode (dropout active) as
+    # CR does (true), or in eval mode (false). CR's stage-II ViT also ran with drop-path 0.1;
+    # here ViT tokens are cached (frozen, eval), which drops that noise (README deviations).
+    noisy_z_t: bool = True
+    # Precision of the cached 577 x 768 ViT tokens (CR kept fp32 on the GPU): "fp16" halves
+    # the cache (886 KB per image) at ~1e-3 relative rounding of the tokens.
+    token_precision: Literal["fp16", "fp32"] = "fp16"
+
+
 MethodConfig = Annotated[
-    Clip4CirMethod | LinCirMethod | Blip4CirMethod | SprcMethod | CalaMethod,
+    Clip4CirMethod | LinCirMethod | Blip4CirMethod | SprcMethod | CalaMethod | RerankMethod,
     Field(discriminator="name"),
 ]
 
@@ -291,6 +319,25 @@ class EvalConfig(_Section):
     rank_chunk: int = Field(1024, ge=1)
 
 
+class RerankConfig(_Section):
+    """Re-rank each query's first K candidates with a cross-encoder at validate / submit
+    (methods that have one: `rerank`). Spec reranking.md 6."""
+
+    # None: no re-ranking. "self": the method's own first stage (stage I). Otherwise a
+    # candidate list from any first stage: a file or folder written by `cir validate/submit
+    # --save-candidates K`, or the reference's cirr_top_200_*.pt / fiq_top_200_*.pt.
+    candidates: str | None = None
+    # Candidates re-ordered per query (CR: CIRR 50, FashionIQ 100). Ranks past K keep the
+    # first-stage order; CIRR R@50 at K = 50 therefore equals the first stage's.
+    k: int = Field(50, ge=1)
+    # "none": order by the cross-encoder score alone (CR). "sum": score + fusion_weight x the
+    # first-stage score (the candidate list's scores; cosine for `self`).
+    fusion: Literal["none", "sum"] = "none"
+    fusion_weight: float = 1.0
+    # (query, candidate) pairs per cross-encoder forward (memory bound only).
+    batch_size: int = Field(64, ge=1)
+
+
 class LoggingConfig(_Section):
     comet: bool = False
     # Offline Comet writes an archive in the run dir; online needs COMET_API_KEY in the env.
@@ -351,6 +398,7 @@ class Recipe(_Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     combiner: CombinerConfig = Field(default_factory=CombinerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    rerank: RerankConfig = Field(default_factory=RerankConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     fixes: FixesConfig = Field(default_factory=FixesConfig)

@@ -76,12 +76,14 @@ def run_validation(
     use_cache: bool = True,
     report: Path | None = None,
     report_queries: int = 8,
+    save_candidates: int | None = None,
 ) -> ValidationRun:
     from cir_cli import api
     from cir_cli.runs import new_run_dir, write_manifest
 
     if report is not None and not Path(report).expanduser().resolve().parent.is_dir():
         raise CirError(f"--report {report}: its folder does not exist")
+    _check_candidates_k(save_candidates)
     refuse_blocked_folder(recipe.output.dir)
     model = api.load_model(recipe, checkpoint=checkpoint, device=recipe.device)
     split_reports = None
@@ -89,9 +91,13 @@ def run_validation(
         # The same evaluation plus per-query ranks and the single-modality ranks (report/).
         from cir_cli.report import evaluate_with_report
 
-        evaluation, split_reports = evaluate_with_report(model, recipe, split, use_cache)
+        evaluation, split_reports = evaluate_with_report(
+            model, recipe, split, use_cache, depth=save_candidates
+        )
     else:
-        evaluation = api.validate(model, recipe, split=split, use_cache=use_cache)
+        evaluation = api.validate(
+            model, recipe, split=split, use_cache=use_cache, depth=save_candidates
+        )
     if not evaluation.metrics:
         raise CirError(
             f"split '{split or recipe.eval.split}' of {recipe.data.dataset} has no targets to "
@@ -114,6 +120,8 @@ def run_validation(
             _write_report(
                 run_dir, recipe, evaluation.metrics, split_reports, report, report_queries
             )
+        if save_candidates:
+            write_candidate_lists(run_dir, evaluation, save_candidates)
         if save_rankings:
             write_json_atomic(run_dir / "rankings.json", evaluation.rankings(), indent=None)
             if recipe.data.dataset == "circo":
@@ -153,8 +161,39 @@ def _write_report(run_dir, recipe, metrics, split_reports, out, n) -> None:
     )
 
 
+def _check_candidates_k(k: int | None) -> None:
+    if k is not None and k < 1:
+        raise CirError(f"--save-candidates {k}: expected a positive number of candidates")
+
+
+def write_candidate_lists(run_dir: Path, evaluation, k: int) -> list[Path]:
+    """One candidate list (top-k names + scores per query) per split, beside the manifest."""
+    import json
+
+    from cir_cli.candidates import file_name, from_rankings, write_candidates
+
+    manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    source = {
+        "run_dir": str(run_dir.resolve()),
+        "recipe": manifest.get("recipe", {}).get("name"),
+        "command": manifest.get("command"),
+        "checkpoint": manifest.get("checkpoint"),
+        "model": manifest.get("model"),
+        "git_commit": manifest.get("git_commit"),
+    }
+    paths = []
+    for result in evaluation.splits:
+        cands = from_rankings(result.split, result.top, result.top_scores or None, k, source)
+        paths.append(write_candidates(run_dir / file_name(result.split), cands, result.split))
+    return paths
+
+
 def run_submission(
-    recipe: Recipe, benchmark: str, checkpoint: str | None = None, name: str | None = None
+    recipe: Recipe,
+    benchmark: str,
+    checkpoint: str | None = None,
+    name: str | None = None,
+    save_candidates: int | None = None,
 ) -> list[Path]:
     from cir_cli import api
     from cir_cli.runs import new_run_dir, write_manifest
@@ -170,9 +209,10 @@ def run_submission(
         )
     from cir_cli.submission import build_cirr_submission, write_cirr_submission
 
+    _check_candidates_k(save_candidates)
     model = api.load_model(recipe, checkpoint=checkpoint, device=recipe.device)
     split_name = recipe.data.test_split
-    evaluation = api.validate(model, recipe, split=split_name)
+    evaluation = api.validate(model, recipe, split=split_name, depth=save_candidates)
     result = evaluation.splits[0]
     top50 = {t.query_id: names for t, names in zip(result.split.triplets, result.top, strict=True)}
     top3 = {
@@ -187,6 +227,8 @@ def run_submission(
         {"checkpoint": model.loaded_from, "split": split_name, "model": model.describe()},
     )
     paths = write_cirr_submission(run_dir, name or recipe.name, recall, recall_subset, result.split)
+    if save_candidates:
+        return list(paths) + write_candidate_lists(run_dir, evaluation, save_candidates)
     return list(paths)
 
 

@@ -17,6 +17,7 @@ METHODS: dict[str, str] = {
     "blip4cir": "cir_cli.methods.blip4cir:Blip4Cir",
     "sprc": "cir_cli.methods.sprc:Sprc",
     "cala": "cir_cli.methods.cala:Cala",
+    "rerank": "cir_cli.methods.rerank:Rerank",
 }
 
 

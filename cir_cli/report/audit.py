@@ -21,7 +21,7 @@ from cir_cli.evaluation import (
     SplitResult,
     evaluate_split,
     split_representations,
-    summarize,
+    summarize_with_first_stage,
 )
 
 if TYPE_CHECKING:
@@ -159,7 +159,7 @@ def modality_ranks(
 def split_report(result: SplitResult, modality: dict[str, torch.Tensor], top_k: int) -> SplitReport:
     split = result.split
     texts = _display_texts(split)
-    ranks = result.ranks.tolist() if result.ranks is not None else None
+    ranks = result.target_ranks.tolist() if result.target_ranks is not None else None
     mod = {kind: r.tolist() for kind, r in modality.items()}
     records = []
     for qi, t in enumerate(split.triplets):
@@ -195,25 +195,34 @@ def evaluate_with_report(
     split: str | None = None,
     use_cache: bool = True,
     top_k: int = 10,
+    depth: int | None = None,
 ) -> tuple[Evaluation, list[SplitReport]]:
     """`api.validate`'s evaluation (same metrics) plus the per-query report data per split."""
     from cir_cli.api import default_cache, load_eval_splits
+    from cir_cli.evaluation import RANKING_DEPTH
 
     splits = load_eval_splits(recipe, split)
     cache = default_cache(recipe) if use_cache else None
     bs, nw, chunk = recipe.eval.batch_size, recipe.data.num_workers, recipe.eval.rank_chunk
+    depth = depth or RANKING_DEPTH
+    # A re-ranking recipe evaluates a split its own way (as evaluation.evaluate does); the
+    # page then shows the re-ranked lists, without the single-modality audit.
+    rerank = getattr(model, "rerank_split", None)
     results, reports = [], []
     for s in splits:
-        reps = split_representations(model, s, cache, bs, nw)
-        result = evaluate_split(model, s, cache, bs, nw, chunk, representations=reps)
-        # Only where the split has per-query target ranks (not GeneCIS's candidate sets).
+        result = rerank(s, cache, bs, nw, chunk, depth) if rerank is not None else None
         modality = {}
-        if result.ranks is not None:
-            modality = modality_ranks(model, s, reps[0], reps[1], bs, chunk)
+        if result is None:
+            reps = split_representations(model, s, cache, bs, nw)
+            result = evaluate_split(model, s, cache, bs, nw, chunk, representations=reps,
+                                    depth=depth)
+            # Only where the split has per-query target ranks (not GeneCIS's candidate sets).
+            if result.target_ranks is not None:
+                modality = modality_ranks(model, s, reps[0], reps[1], bs, chunk)
+            del reps
         results.append(result)
         reports.append(split_report(result, modality, top_k))
-        del reps
-    return Evaluation(summarize(results), results), reports
+    return Evaluation(summarize_with_first_stage(results), results), reports
 
 
 def audit_table(reports: list[SplitReport], worst_n: int) -> dict[str, Any]:
