@@ -225,7 +225,7 @@ def hasattr_stage(recipe: Any) -> bool:
 
 
 def _check_data(report: Preflight, recipe: Any, splits: list[str]) -> int:
-    from cir_cli.data.check import check_dataset, report_problems
+    from cir_cli.data.check import check_dataset, report_absent, report_problems
 
     data = recipe.data
     root = Path(data.root).expanduser()
@@ -242,7 +242,9 @@ def _check_data(report: Preflight, recipe: Any, splits: list[str]) -> int:
     except CirError as exc:
         report.bad(f"data.root: {exc}")
         return 0
-    problems = report_problems(dataset_report)
+    # Every split asked for here is one the command reads: absent is a problem (unlike in
+    # `cir prepare`, where an absent split is only a note).
+    problems = report_absent(dataset_report) + report_problems(dataset_report)
     for line in problems:
         report.bad(f"data {line}")
     images = 0

@@ -76,9 +76,21 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_weights(folder / "weights.safetensors")[0]
 
 
-def _logs(run: Path) -> dict[str, str]:
-    """metrics.csv and every per-step CSV log of a run folder."""
-    return {p.name: p.read_text() for p in sorted(run.glob("*.csv"))}
+# Columns that measure wall-clock time (train_log.csv's throughput and elapsed time): no two
+# runs share them, killed or not. Every other value must be identical.
+_CLOCK_COLUMNS = {"samples_per_s", "elapsed_s"}
+
+
+def _logs(run: Path) -> dict[str, list[list[str]]]:
+    """metrics.csv and every per-step CSV log of a run folder, less the clock columns."""
+    import csv
+
+    logs = {}
+    for path in sorted(run.glob("*.csv")):
+        rows = list(csv.reader(path.read_text().splitlines()))
+        keep = [i for i, name in enumerate(rows[0]) if name not in _CLOCK_COLUMNS]
+        logs[path.name] = [[row[i] for i in keep] for row in rows]
+    return logs
 
 
 @pytest.mark.slow
@@ -126,7 +138,9 @@ def test_random_sigkills_then_resume_equal_an_uninterrupted_run(small_toy: Path,
         for key, value in want.items():
             assert torch.equal(got[key], value), (name, key)
     assert _logs(run) == _logs(expected_run)
-    assert len(_logs(run)["metrics.csv"].splitlines()) == 4  # header + epochs 0, 1, 2
+    assert len(_logs(run)["metrics.csv"]) == 4  # header + epochs 0, 1, 2
+    steps = json.loads((run / "checkpoints/last/weights.safetensors.json").read_text())["step"]
+    assert len(_logs(run)["train_log.csv"]) == 1 + steps  # header + one row per step
     leftovers = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert leftovers == ["best", "last"], leftovers
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
