@@ -97,7 +97,10 @@ def _logs(run: Path) -> dict[str, list[list[str]]]:
 def test_random_sigkills_then_resume_equal_an_uninterrupted_run(small_toy: Path, tmp_path: Path):
     cache = tmp_path / "cache"
     straight = tmp_path / "straight"
-    subprocess.run(_finetune(small_toy, straight, cache), env=_env(), check=True,
+    # 48 steps (3 epochs of 16): enough that 12 kills land before the run ends even on an idle
+    # machine, where one launch may get through several steps before its kill.
+    longer = {"finetune.epochs": 3, "finetune.batch_size": 4}
+    subprocess.run(_finetune(small_toy, straight, cache, **longer), env=_env(), check=True,
                    capture_output=True, timeout=600)
     expected_run = _only_run(straight)
 
@@ -106,7 +109,7 @@ def test_random_sigkills_then_resume_equal_an_uninterrupted_run(small_toy: Path,
     kills, launches, run = 0, 0, None
     deadline = time.time() + 900
     while time.time() < deadline:
-        cmd = (_finetune(small_toy, crashed, cache) if run is None else
+        cmd = (_finetune(small_toy, crashed, cache, **longer) if run is None else
                [sys.executable, "-m", "cir_cli", "finetune", "--resume", str(run)])
         proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
@@ -117,7 +120,7 @@ def test_random_sigkills_then_resume_equal_an_uninterrupted_run(small_toy: Path,
             # step, a validation or the write of a checkpoint folder (every step saves).
             while proc.poll() is None and _last_step(crashed) <= start_step:
                 time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.6))
+            time.sleep(rng.uniform(0.0, 0.4))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 kills += 1
@@ -138,7 +141,7 @@ def test_random_sigkills_then_resume_equal_an_uninterrupted_run(small_toy: Path,
         for key, value in want.items():
             assert torch.equal(got[key], value), (name, key)
     assert _logs(run) == _logs(expected_run)
-    assert len(_logs(run)["metrics.csv"]) == 4  # header + epochs 0, 1, 2
+    assert len(_logs(run)["metrics.csv"]) == 5  # header + epochs 0, 1, 2, 3
     steps = json.loads((run / "checkpoints/last/weights.safetensors.json").read_text())["step"]
     assert len(_logs(run)["train_log.csv"]) == 1 + steps  # header + one row per step
     leftovers = sorted(p.name for p in (run / "checkpoints").iterdir())
