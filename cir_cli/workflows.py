@@ -173,6 +173,7 @@ def run_training(
     """`cir finetune` (stage="finetune") and `cir train-combiner` (stage="combiner")."""
     from cir_cli import api
     from cir_cli.engine.distributed import broadcast_object, init_distributed, shutdown_distributed
+    from cir_cli.engine.optim import stage_specs
     from cir_cli.engine.run_log import RunLog, start_comet
     from cir_cli.engine.trainer import Trainer, TrainSettings
     from cir_cli.methods import build_method
@@ -219,6 +220,7 @@ def run_training(
         comet = None
         if dist_info.is_main:
             comet = start_comet(recipe.logging, run_dir, recipe.to_dict(), f"cir {recipe.name}")
+        optimizer_spec, schedule_spec = stage_specs(cfg, recipe.fixes)
         settings = TrainSettings(
             epochs=cfg.epochs,
             batch_size=cfg.batch_size,
@@ -228,10 +230,8 @@ def run_training(
             validate_every_steps=getattr(cfg, "validate_every_steps", 0),
             grad_accum=getattr(cfg, "grad_accum", 1),
             amp=cfg.amp,
-            scheduler=getattr(cfg, "scheduler", "constant"),
-            warmup_steps=getattr(cfg, "warmup_steps", 0),
-            min_lr=getattr(cfg, "min_lr", 0.0),
-            cosine_epochs=getattr(cfg, "cosine_epochs", None),
+            optimizer=optimizer_spec,
+            schedule=schedule_spec,
             num_workers=recipe.data.num_workers,
             log_every=recipe.logging.log_every,
             save_every_steps=cfg.save_every_steps,
