@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cir_cli.engine.sampler import GlobalBatchSampler
 from cir_cli.engine.optim import ScheduleContext, ScheduleSpec, schedule_factor
+from cir_cli.engine.sampler import GlobalBatchSampler
 from tests.conftest import REPO, toy_overrides
 
 
