@@ -89,9 +89,8 @@ def table(rows: list[dict]) -> str:
             )
             verdict = f"{diff:+.2f}" + (" (within 1 sd)" if abs(diff) <= sd else "")
         metric = (ref or fixed)[0]["metric"]
-        lines.append(
-            f"| `{name}` | {metric} | {stats(ref)} | {stats(fixed)} | {'; '.join(per)} | {verdict} |"
-        )
+        cells = [f"`{name}`", metric, stats(ref), stats(fixed), "; ".join(per), verdict]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
