@@ -56,7 +56,9 @@ def run_one(recipe: str, seed: int, root: str, out: Path) -> dict:
 def table(rows: list[dict]) -> str:
     by: dict[str, list[dict]] = {}
     for r in rows:
-        by.setdefault(r["recipe"], []).append(r)
+        runs = by.setdefault(r["recipe"], [])
+        if not any(x["seed"] == r["seed"] for x in runs):  # first result of a (recipe, seed)
+            runs.append(r)
     lines = [
         "| toy recipe | selection metric | reference (`toy_X`) mean ± sd | fixes on (`toy_X_fixed`)"
         " mean ± sd | per seed ref / fixed | fixes help? |",

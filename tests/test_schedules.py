@@ -250,6 +250,20 @@ def test_cala_per_epoch_periodic_cosine_on_group0_only(name: str, tmp_path: Path
     assert seen[29 * SPE][0][0] == pytest.approx(5e-6 * 0.5 * (1 + math.cos(math.pi * 29 / 15)))
 
 
+def test_cala_fixed_decays_per_step_with_the_query_tokens_in_group0(tmp_path: Path) -> None:
+    r = load_recipe("cala_blip2_cirr_fixed")
+    # fixes.schedule_query_tokens: mm bert + tokens, text bert, visual bert + tokens, TAC, HCA
+    scales = [1, 1, 1, 2, 2]
+    seen = applied_lrs(r, "finetune", [5e-6 * s for s in scales], tmp_path)
+    span = 15 * SPE
+    expected = [
+        [5e-6 * 0.5 * (1 + math.cos(math.pi * min(k / span, 1.0)))]
+        + [5e-6 * s for s in scales[1:]]
+        for k in range(30 * SPE)
+    ]
+    assert_lrs(seen, expected)
+
+
 # -- CLIP4Cir, the zero-shot sum baselines, LinCIR -----------------------------------------------
 
 
