@@ -510,12 +510,28 @@ _TYPE_WORDS = {
 }
 
 
+# Keys that moved when the engine took over optimisation (issue 13): a one-line pointer.
+_MOVED = {
+    "finetune.cosine_epochs": "finetune.schedule_epochs",
+    "method.schedule": 'finetune.scheduler = "onecycle" (or another schedule)',
+    "method.schedule_epochs": "finetune.schedule_epochs",
+    "method.pct_start": "finetune.pct_start",
+    "method.div_factor": "finetune.div_factor",
+    "method.final_div_factor": "finetune.final_div_factor",
+    "method.cycle_momentum": "finetune.cycle_momentum",
+    "method.schedule_text_proj": 'finetune.schedule_groups = "all"',
+    "method.schedule_all_groups": 'finetune.schedule_groups = "all"',
+}
+
+
 def _describe_error(err: dict[str, Any], source: str) -> str:
     loc = tuple(err["loc"])
     kind = err["type"]
     if kind == "extra_forbidden":
         path, options = _resolve_loc(loc)
         key = ".".join(path)
+        if key in _MOVED:
+            return f"{source}: '{key}' has moved: use {_MOVED[key]}"
         close = difflib.get_close_matches(str(loc[-1]), options, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(options)}"
         return f"{source}: unknown key '{key}'{hint}"

@@ -290,3 +290,12 @@ def test_lincir_huge_giga_train_as_lincir_large(name: str) -> None:
 
     want = train_settings(load_recipe("lincir_large"), "finetune")
     assert train_settings(load_recipe(name), "finetune") == want
+
+
+def test_moved_schedule_keys_point_to_their_new_place() -> None:
+    from cir_cli.errors import CirError
+
+    with pytest.raises(CirError, match="'method.schedule_epochs' has moved: use finetune.sched"):
+        load_recipe("sprc_cirr", ["method.schedule_epochs=80"])
+    with pytest.raises(CirError, match="'finetune.cosine_epochs' has moved"):
+        load_recipe("blip4cir_cirr", ["finetune.cosine_epochs=10"])
