@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/fix-comparison")
     parser.add_argument("--pairs", nargs="+", default=["toy_sprc", "toy_blip4cir", "toy_cala"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--only", nargs="+", help="run just these recipes (e.g. toy_cala_fixed)")
     parser.add_argument("--table", action="store_true", help="only print the table")
     args = parser.parse_args()
     out = Path(args.out).resolve()
@@ -114,6 +115,8 @@ def main() -> None:
         for seed in args.seeds:
             for pair in args.pairs:
                 for recipe in (pair, f"{pair}_fixed"):
+                    if args.only and recipe not in args.only:
+                        continue
                     if any(d["recipe"] == recipe and d["seed"] == seed for d in done):
                         continue
                     row = run_one(recipe, seed, str(Path(args.root).resolve()), out)
