@@ -44,6 +44,7 @@ def main() -> None:
 
     from cir_cli import api
     from cir_cli.data.toy import generate_toy
+    from cir_cli.engine.optim import OptimizerSpec
     from cir_cli.engine.trainer import Trainer, TrainSettings
     from cir_cli.recipes import load_recipe
 
@@ -67,7 +68,8 @@ def main() -> None:
     task = model.combiner_task(torch.device("cpu"))
     feature_seconds = time.perf_counter() - t0  # one-off: encode every image and caption once
     settings = TrainSettings(epochs=1, batch_size=args.batch_size, seed=0, validate_before=False,
-                             validate_every=10**6)
+                             validate_every=10**6,
+                             optimizer=OptimizerSpec("adam", lr=recipe.combiner.lr))
     task.evaluate = lambda: {}  # time the epoch only
     trainer = Trainer(task, settings, work / "runs" / "bench", torch.device("cpu"))
     t0 = time.perf_counter()

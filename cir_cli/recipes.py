@@ -95,10 +95,9 @@ class Blip4CirMethod(_Section):
     # w of L = L_f + w L_r in stage I (seeds: 0.4 FashionIQ, 0.1 CIRR) and stage II (0.5 / 0.1).
     finetune_reverse_weight: float = Field(0.4, ge=0)
     combiner_reverse_weight: float = Field(0.5, ge=0)
-    # Stage I: text_proj's lr is this multiple of finetune.lr (seeds: 100).
+    # Stage I: text_proj's lr is this multiple of finetune.lr (seeds: 100). Its group is the
+    # second one: finetune.schedule_groups = "first" keeps it constant, as the seeds.
     text_proj_lr_scale: float = Field(100.0, gt=0)
-    # Whether text_proj's lr follows finetune.scheduler too; the seeds keep it constant.
-    schedule_text_proj: bool = False
     # Stage II reversed loss: reference rows per chunk of the B x B pairing (bounds memory).
     reverse_chunk: int = Field(64, ge=1)
 
@@ -118,16 +117,6 @@ class SprcMethod(_Section):
     clamp_temp: bool = False
     # Weight decay on every parameter as SPRC (true), or none on biases, norms, tokens, temp.
     decay_all: bool = True
-    # "onecycle": torch OneCycleLR's curve per optimizer step (spec 1.7), over
-    # `schedule_epochs` (None = finetune.epochs; SPRC's CIRR code hard-coded 80, a bug).
-    # "trainer": finetune.scheduler / warmup_steps instead.
-    schedule: Literal["onecycle", "trainer"] = "onecycle"
-    schedule_epochs: float | None = Field(None, gt=0)
-    pct_start: float = Field(0.02, gt=0, lt=1)
-    div_factor: float = Field(25.0, gt=0)
-    final_div_factor: float = Field(1e4, gt=0)
-    # OneCycleLR's default cycles AdamW's beta1 0.95 -> 0.85 -> 0.95 (SPRC ran with it).
-    cycle_momentum: bool = True
 
 
 class CalaMethod(_Section):
@@ -155,9 +144,6 @@ class CalaMethod(_Section):
     tac_lr_scale: float = Field(2.0, gt=0)
     hca_lr_scale: float = Field(2.0, gt=0)
     artemis_lr_scale: float = Field(10.0, gt=0)
-    # CaLa applies its (cosine) schedule to the multimodal Q-Former's group only; true
-    # schedules every group.
-    schedule_all_groups: bool = False
     # Mask padded caption tokens out of HCA's text hinge: an improvement (README deviations);
     # CaLa has no mask, so false (the default) reproduces it.
     text_padding_mask: bool = False
@@ -269,12 +255,26 @@ class FinetuneConfig(_Section):
     eps: float = Field(1e-7, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     encoder: Literal["both", "text", "image"] = "both"
-    scheduler: Literal["constant", "cosine"] = "constant"
+    # The optimizer and the lr schedule (engine/optim.py): the methods only declare their
+    # parameter groups. "constant"; "cosine" = per optimizer step to min_lr over
+    # schedule_epochs, clamped after it; "epoch_cosine" = BLIP's cosine_lr_schedule, set once at
+    # the start of each epoch and periodic past schedule_epochs (Bi-BLIP4CIR, CaLa);
+    # "onecycle" = torch OneCycleLR over schedule_epochs of steps (SPRC).
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    scheduler: Literal["constant", "cosine", "epoch_cosine", "onecycle"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     min_lr: float = Field(0.0, ge=0)
-    # Cosine only: epochs over which the lr decays to min_lr, then stays there (clamped, never
-    # periodic); None = the whole run.
-    cosine_epochs: int | None = Field(None, ge=1)
+    # The schedule's span in epochs; None = the whole run.
+    schedule_epochs: float | None = Field(None, gt=0)
+    # Which parameter groups follow the schedule: "all", or "first" (BLIP's onlyGroup0: every
+    # other group keeps its lr all run).
+    schedule_groups: Literal["all", "first"] = "all"
+    # onecycle: torch OneCycleLR's pct_start / div_factor / final_div_factor; cycle_momentum
+    # cycles Adam's beta1 0.95 -> 0.85 -> 0.95 (OneCycleLR's default, SPRC ran with it).
+    pct_start: float = Field(0.3, gt=0, lt=1)
+    div_factor: float = Field(25.0, gt=0)
+    final_div_factor: float = Field(1e4, gt=0)
+    cycle_momentum: bool = True
     validate_every: int = Field(1, ge=1)
     # Validate every N optimizer steps instead of every `validate_every` epochs (0: off); for
     # step-based stages such as LinCIR's (epochs = 0 with max_steps).
@@ -298,6 +298,8 @@ class CombinerConfig(_Section):
     max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(4096, ge=1)
     lr: float = Field(2e-5, gt=0)
+    # Adam(lr) with torch's defaults, no schedule (CLIP4Cir / Bi-BLIP4CIR combiner_train.py).
+    optimizer: Literal["adam", "adamw"] = "adam"
     projection_dim: int = Field(2560, ge=1)
     hidden_dim: int = Field(5120, ge=1)
     dropout: float = Field(0.5, ge=0, lt=1)
@@ -385,6 +387,22 @@ class FixesConfig(_Section):
     # The validation before the first step may become `best` (no reference selects from it:
     # they validate only after training steps).
     select_initial_validation: bool = False
+
+    # -- optimisation (schedule and parameter groups) --
+    # finetune.scheduler = "epoch_cosine" advances every optimizer step and holds min_lr past
+    # schedule_epochs (the references set it once per epoch and let it rise again after
+    # max_epoch: Bi-Blip4CIR / CaLa src/utils.py cosine_lr_schedule).
+    step_cosine: bool = False
+    # CaLa: the Q-Formers' query_tokens share their Q-Former's parameter group, so they follow
+    # its schedule (CaLa src/blip_fine_tune.py gives them their own group, which
+    # onlyGroup0=True leaves at the base lr all run).
+    schedule_query_tokens: bool = False
+    # onecycle spans the run's own epochs instead of finetune.schedule_epochs (SPRC
+    # src/blip_fine_tune_2.py builds CIRR's OneCycleLR with epochs=80 whatever --num-epochs).
+    onecycle_spans_run: bool = False
+
+    def enabled(self) -> list[str]:
+        return [name for name, value in self if value is True]
 
 
 class Recipe(_Section):
@@ -575,12 +593,28 @@ _TYPE_WORDS = {
 }
 
 
+# Keys that moved when the engine took over optimisation (issue 13): a one-line pointer.
+_MOVED = {
+    "finetune.cosine_epochs": "finetune.schedule_epochs",
+    "method.schedule": 'finetune.scheduler = "onecycle" (or another schedule)',
+    "method.schedule_epochs": "finetune.schedule_epochs",
+    "method.pct_start": "finetune.pct_start",
+    "method.div_factor": "finetune.div_factor",
+    "method.final_div_factor": "finetune.final_div_factor",
+    "method.cycle_momentum": "finetune.cycle_momentum",
+    "method.schedule_text_proj": 'finetune.schedule_groups = "all"',
+    "method.schedule_all_groups": 'finetune.schedule_groups = "all"',
+}
+
+
 def _describe_error(err: dict[str, Any], source: str) -> str:
     loc = tuple(err["loc"])
     kind = err["type"]
     if kind == "extra_forbidden":
         path, options = _resolve_loc(loc)
         key = ".".join(path)
+        if key in _MOVED:
+            return f"{source}: '{key}' has moved: use {_MOVED[key]}"
         close = difflib.get_close_matches(str(loc[-1]), options, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(options)}"
         return f"{source}: unknown key '{key}'{hint}"

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cir_cli.errors import CirError
 from cir_cli.io import refuse_blocked_folder, write_json_atomic
 from cir_cli.recipes import Recipe
+
+if TYPE_CHECKING:
+    from cir_cli.engine.trainer import TrainSettings
 
 
 def resolve_refs(
@@ -290,6 +294,36 @@ def stage_amp(recipe: Recipe, amp: str) -> str:
     return "auto" if recipe.fixes.amp_auto and amp == "fp16" else amp
 
 
+def train_settings(
+    recipe: Recipe, stage: str, stop_after_steps: int | None = None
+) -> TrainSettings:
+    """The trainer's settings of a recipe stage ("finetune" / "combiner"): loop, optimizer and
+    lr schedule (engine/optim.py, with the recipe's [fixes] applied)."""
+    from cir_cli.engine.optim import stage_specs
+    from cir_cli.engine.trainer import TrainSettings
+
+    cfg = recipe.finetune if stage == "finetune" else recipe.combiner
+    optimizer_spec, schedule_spec = stage_specs(cfg, recipe.fixes)
+    return TrainSettings(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        seed=recipe.seed,
+        max_steps=cfg.max_steps,
+        validate_every=cfg.validate_every,
+        validate_every_steps=getattr(cfg, "validate_every_steps", 0),
+        validate_at_steps=tuple(getattr(cfg, "validate_at_steps", ())),
+        select_initial=recipe.fixes.select_initial_validation,
+        grad_accum=getattr(cfg, "grad_accum", 1),
+        amp=stage_amp(recipe, cfg.amp),
+        optimizer=optimizer_spec,
+        schedule=schedule_spec,
+        num_workers=recipe.data.num_workers,
+        log_every=recipe.logging.log_every,
+        save_every_steps=cfg.save_every_steps,
+        stop_after_steps=stop_after_steps,
+    )
+
+
 def run_training(
     recipe: Recipe | None,
     stage: str,
@@ -300,7 +334,7 @@ def run_training(
     from cir_cli import api
     from cir_cli.engine.distributed import broadcast_object, init_distributed, shutdown_distributed
     from cir_cli.engine.run_log import RunLog, start_comet
-    from cir_cli.engine.trainer import Trainer, TrainSettings
+    from cir_cli.engine.trainer import Trainer
     from cir_cli.methods import build_method
     from cir_cli.runs import new_run_dir, write_manifest
 
@@ -331,7 +365,6 @@ def run_training(
             )
             run_dir = Path(broadcast_object(str(run_dir) if run_dir else None))
         task = getattr(model, task_factory)(device)
-        cfg = recipe.finetune if stage == "finetune" else recipe.combiner
         if dist_info.is_main:
             write_manifest(
                 run_dir,
@@ -346,26 +379,7 @@ def run_training(
         comet = None
         if dist_info.is_main:
             comet = start_comet(recipe.logging, run_dir, recipe.to_dict(), f"cir {recipe.name}")
-        settings = TrainSettings(
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            seed=recipe.seed,
-            max_steps=cfg.max_steps,
-            validate_every=cfg.validate_every,
-            validate_every_steps=getattr(cfg, "validate_every_steps", 0),
-            validate_at_steps=tuple(getattr(cfg, "validate_at_steps", ())),
-            select_initial=recipe.fixes.select_initial_validation,
-            grad_accum=getattr(cfg, "grad_accum", 1),
-            amp=stage_amp(recipe, cfg.amp),
-            scheduler=getattr(cfg, "scheduler", "constant"),
-            warmup_steps=getattr(cfg, "warmup_steps", 0),
-            min_lr=getattr(cfg, "min_lr", 0.0),
-            cosine_epochs=getattr(cfg, "cosine_epochs", None),
-            num_workers=recipe.data.num_workers,
-            log_every=recipe.logging.log_every,
-            save_every_steps=cfg.save_every_steps,
-            stop_after_steps=stop_after_steps,
-        )
+        settings = train_settings(recipe, stage, stop_after_steps)
         log = RunLog(
             run_dir,
             enabled=dist_info.is_main,

@@ -286,7 +286,12 @@ def test_recipes() -> None:
         assert (r.method.finetune_reverse_weight, r.method.combiner_reverse_weight) == (w1, w2)
         assert r.method.prompts == "compat" and r.backbone.image_size == 384
         assert (r.finetune.lr, r.finetune.epochs, r.finetune.weight_decay) == (5e-5, 20, 0.05)
-        assert (r.finetune.scheduler, r.finetune.cosine_epochs) == ("cosine", 10)
+        ft = r.finetune
+        assert (ft.scheduler, ft.schedule_epochs, ft.schedule_groups) == (
+            "epoch_cosine",
+            10,
+            "first",
+        )
         assert (r.combiner.epochs, r.combiner.lr, r.combiner.projection_dim) == (300, 2e-5, 2560)
         assert r.data.target_ratio == 1.25 and r.data.transform == "targetpad"
     assert load_recipe("blip4cir_fiq").combiner.batch_size == 512
@@ -324,8 +329,14 @@ def test_two_stages_end_to_end(toy_root: Path, tmp_path: Path) -> None:
     from cir_cli.workflows import run_training, run_validation
 
     overrides = _overrides(toy_root, tmp_path)
-    # 96 triplets / batch 48 = 2 steps per epoch: the cosine spans steps 0-1, step 2 is clamped.
-    schedule = ["finetune.batch_size=48", "finetune.warmup_steps=0", "finetune.cosine_epochs=1"]
+    # 96 triplets / batch 48 = 2 steps per epoch: the per-step cosine (fixes.step_cosine) spans
+    # steps 0-1, step 2 is clamped.
+    schedule = [
+        "finetune.batch_size=48",
+        "finetune.warmup_steps=0",
+        "finetune.schedule_epochs=1",
+        "fixes.step_cosine=true",
+    ]
     recipe = load_recipe("toy_blip4cir", [*overrides, *schedule])
     stage1 = run_training(recipe, "finetune")
     assert stage1.steps == 3
@@ -363,7 +374,7 @@ def test_finetune_task_texts_and_groups(toy_root: Path, tmp_path: Path) -> None:
     assert [b.replace("[BACKWARD]", "[FORWARD]") for b in backward] == forward
     groups = task.param_groups()
     assert groups[1]["lr"] == pytest.approx(3 * groups[0]["lr"])
-    assert groups[1]["scheduled"] is False
+    assert len(groups) == 2 and recipe.finetune.schedule_groups == "first"
     names = {id(p): n for n, p in model.named_parameters()}
     trained = [names[id(p)] for g in groups for p in g["params"]]
     assert all(n.startswith(("backbone.text_encoder.", "backbone.text_proj.")) for n in trained)

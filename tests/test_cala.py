@@ -264,26 +264,43 @@ def test_loss_with_tau_h_zero_is_the_plain_sum_loss(blip2_model) -> None:
     assert set(parts) == {"loss_main", "loss_hca"}
 
 
+@pytest.mark.parametrize("fixed", [False, True])
 @pytest.mark.parametrize("encoder", ["multi", "both"])
-def test_param_groups_follow_the_spec_table(toy_root: Path, tmp_path: Path, encoder: str) -> None:
+def test_param_groups_follow_the_spec_table(
+    toy_root: Path, tmp_path: Path, encoder: str, fixed: bool
+) -> None:
     model = _build(
         "toy_cala",
-        toy_overrides(toy_root, tmp_path, method__encoder=encoder, method__frame="artemis"),
+        toy_overrides(
+            toy_root,
+            tmp_path,
+            method__encoder=encoder,
+            method__frame="artemis",
+            fixes__schedule_query_tokens=fixed,
+        ),
     )
     task = model.finetune_task(torch.device("cpu"))
     groups = task.param_groups()
     lr = model.recipe.finetune.lr
     ids = [{id(p) for p in g["params"]} for g in groups]
+    mm_tokens = {id(model.multimodal_qformer.query_tokens)}
     multimodal = {id(p) for p in model.multimodal_qformer.parameters()}
     visual = {id(p) for p in model.backbone.query_path_parameters()}
-    assert ids[0] == multimodal and groups[0]["scheduled"]
+    vis_tokens = {id(model.backbone.query_tokens)}
     text_ids = {id(p) for p in model.text_qformer.text_path_parameters()}
-    assert ids[1] == text_ids and not groups[1]["scheduled"]
+    # CaLa src/blip_fine_tune.py: [multimodal bert, its query_tokens, textual bert, (visual bert,
+    # its query_tokens), TAC, HCA, ARTEMIS]; group 0 alone follows onlyGroup0's schedule.
+    if fixed:  # the query tokens in their Q-Former's group
+        expect = [multimodal, text_ids] + ([visual] if encoder == "both" else [])
+    else:
+        expect = [multimodal - mm_tokens, mm_tokens, text_ids]
+        expect += [visual - vis_tokens, vis_tokens] if encoder == "both" else []
+    assert ids[: len(expect)] == expect
+    assert len(groups) == len(expect) + 3
     named = dict(model.text_qformer.named_parameters())
     assert id(named["query_tokens"]) not in text_ids
     assert not any(id(p) in text_ids for n, p in named.items() if "crossattention" in n)
-    has_visual = any(visual <= g for g in ids)
-    assert has_visual == (encoder == "both")
+    assert (visual <= set().union(*ids)) == (encoder == "both")
     heads = {
         "tac": (model.tac, 2 * lr),
         "hca": (model.hca, 2 * lr),

@@ -14,25 +14,27 @@ from pathlib import Path
 import pytest
 import torch
 
+from cir_cli.engine.optim import ScheduleContext, ScheduleSpec, schedule_factor
 from cir_cli.engine.sampler import GlobalBatchSampler
-from cir_cli.engine.trainer import TrainSettings, lr_factor
 from tests.conftest import REPO, toy_overrides
 
 
 def test_cosine_schedule_is_clamped_and_warmup_is_linear() -> None:
-    s = TrainSettings(epochs=1, batch_size=1, seed=0, scheduler="cosine", warmup_steps=10,
-                      min_lr=1e-6)
+    s = ScheduleSpec("cosine", warmup_steps=10, min_lr=1e-6)
     base = 1e-4
-    assert lr_factor(0, 110, s, base) == pytest.approx(0.1)
-    assert lr_factor(9, 110, s, base) == pytest.approx(1.0)
-    assert lr_factor(10, 110, s, base) == pytest.approx(1.0)
+
+    def lr_factor(step: int, total: int, spec: ScheduleSpec = s) -> float:
+        return schedule_factor(spec, ScheduleContext(step, 0, total, total, base))[0]
+
+    assert lr_factor(0, 110) == pytest.approx(0.1)
+    assert lr_factor(9, 110) == pytest.approx(1.0)
+    assert lr_factor(10, 110) == pytest.approx(1.0)
     # half way through the cosine part: (1 + floor) / 2 with floor = min_lr / base = 0.01
-    assert lr_factor(60, 110, s, base) == pytest.approx(0.505)
-    assert lr_factor(110, 110, s, base) == pytest.approx(0.01)
-    # after the end it stays at the floor (the BLIP seeds' schedule rose again: spec bug 13)
-    assert lr_factor(500, 110, s, base) == pytest.approx(0.01)
-    constant = TrainSettings(epochs=1, batch_size=1, seed=0)
-    assert lr_factor(1234, 10, constant, base) == 1.0
+    assert lr_factor(60, 110) == pytest.approx(0.505)
+    assert lr_factor(110, 110) == pytest.approx(0.01)
+    # after the end it stays at the floor (epoch_cosine is the seeds' periodic one)
+    assert lr_factor(500, 110) == pytest.approx(0.01)
+    assert lr_factor(1234, 10, ScheduleSpec()) == 1.0
 
 
 def test_sampler_is_deterministic_resumable_and_shards_the_global_batch() -> None:

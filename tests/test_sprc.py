@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cir_cli.engine.optim import onecycle
 from cir_cli.errors import CirError
-from cir_cli.methods.sprc import SPRC_CHECKPOINT_KEY, blip_caption, onecycle
+from cir_cli.methods.sprc import SPRC_CHECKPOINT_KEY, blip_caption
 from cir_cli.recipes import load_recipe
 from tests.conftest import toy_overrides
 from tests.test_blip2 import lavis_layout

@@ -16,8 +16,9 @@ from cir_cli.methods.base import CIRMethod
 class TripletTrainingTask:
     """What every triplet-trained method stage shares: data, validation, checkpoint plumbing.
 
-    Subclasses set `stage` and implement `dataset`/`gather`, `param_groups`, `make_optimizer`,
-    `set_train_mode` and `compute_loss` (see engine/trainer.py `TrainingTask`).
+    Subclasses set `stage` and implement `dataset`/`gather`, `param_groups` (the optimizer and
+    the schedule are the recipe's, engine/optim.py), `set_train_mode` and `compute_loss` (see
+    engine/trainer.py `TrainingTask`).
     """
 
     stage = ""
@@ -157,9 +158,6 @@ class CombinerStage(CachedRowsStage):
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.model.combiner.parameters()), "lr": self.cfg.lr}]
-
-    def make_optimizer(self, groups):
-        return torch.optim.Adam(groups, lr=self.cfg.lr)
 
     def set_train_mode(self) -> None:
         self.model.eval()

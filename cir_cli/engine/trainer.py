@@ -1,8 +1,9 @@
 """One training loop for every method and stage; methods plug in a `TrainingTask`.
 
-The loop owns what is the same everywhere: seeded, resumable, distributed batch order; AdamW /
-Adam with per-group learning rates; constant or cosine schedule (clamped at the end, never
-periodic); mixed precision on GPU (bf16, or fp16 with a GradScaler), fp32 on CPU; gradient
+The loop owns what is the same everywhere: seeded, resumable, distributed batch order; the
+optimizer and the lr schedule of engine/optim.py (built from the stage's OptimizerSpec /
+ScheduleSpec, applied before every optimizer step from (step, epoch)); mixed precision on GPU
+(bf16, or fp16 with a GradScaler), fp32 on CPU; gradient
 accumulation; validation every N epochs with the dataset's selection metric; `best` and `last`
 checkpoints (safetensors of the trainable weights + JSON sidecar + training state); metrics.csv,
 curves.png and Comet logging on rank 0.
@@ -30,6 +31,7 @@ from cir_cli.engine.checkpointing import (
     save_run_checkpoint,
 )
 from cir_cli.engine.distributed import DistInfo
+from cir_cli.engine.optim import LrSchedule, OptimizerSpec, ScheduleSpec, build_optimizer
 from cir_cli.engine.run_log import RunLog
 from cir_cli.engine.sampler import GlobalBatchSampler
 from cir_cli.progress import progress_bar
@@ -46,7 +48,6 @@ class TrainingTask(Protocol):
     def collate(self, items: list[Any]) -> Any: ...
     def gather(self, indices: list[int]) -> Any: ...
     def param_groups(self) -> list[dict[str, Any]]: ...
-    def make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer: ...
     def set_train_mode(self) -> None: ...
     def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
     def evaluate(self) -> dict[str, float]: ...
@@ -72,11 +73,9 @@ class TrainSettings:
     select_initial: bool = False
     grad_accum: int = 1
     amp: str = "auto"
-    scheduler: str = "constant"
-    warmup_steps: int = 0
-    min_lr: float = 0.0
-    # Cosine: the decay spans this many epochs, then the lr stays at min_lr (None: whole run).
-    cosine_epochs: int | None = None
+    # The optimizer (its lr is the default of groups without one) and the lr schedule.
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
     num_workers: int = 0
     log_every: int = 10
     # Save the resumable training state every N optimizer steps (0: only at validations).
@@ -95,20 +94,6 @@ class _LossModule(nn.Module):
 
     def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         return self._task.compute_loss(batch)
-
-
-def lr_factor(step: int, total_steps: int, settings: TrainSettings, base_lr: float) -> float:
-    """Multiplier of each group's base lr at optimizer step `step` (0-based)."""
-    if settings.warmup_steps and step < settings.warmup_steps:
-        return (step + 1) / settings.warmup_steps
-    if settings.scheduler == "constant":
-        return 1.0
-    # Cosine from the base lr to min_lr over the run, clamped at the end (the BLIP seeds'
-    # schedule was periodic and rose back after max_epoch: spec bug 13).
-    span = max(total_steps - settings.warmup_steps, 1)
-    progress = min(max(step - settings.warmup_steps, 0) / span, 1.0)
-    floor = settings.min_lr / base_lr if base_lr > 0 else 0.0
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _amp(settings: TrainSettings, device: torch.device) -> tuple[bool, torch.dtype | None, bool]:
@@ -205,8 +190,12 @@ class Trainer:
         # Parameters outside the optimizer must not receive gradients (DDP would wait on them).
         for p in task.model.parameters():
             p.requires_grad_(id(p) in trainable)
-        base_lrs = [g["lr"] for g in groups]
-        optimizer = task.make_optimizer(groups)
+        base_lrs = [g.get("lr", s.optimizer.lr) for g in groups]
+        optimizer = build_optimizer(s.optimizer, groups)
+        after_step = getattr(task, "after_optimizer_step", None)
+        if after_step is not None:
+            # After every real optimizer step (a GradScaler skip does not call step()).
+            optimizer.register_step_post_hook(lambda *_: after_step())
         amp_on, amp_dtype, use_scaler = _amp(s, self.device)
         scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
@@ -232,7 +221,7 @@ class Trainer:
         total_steps = s.epochs * steps_per_epoch
         if s.max_steps:
             total_steps = min(total_steps, s.max_steps) if s.epochs else s.max_steps
-        schedule_steps = s.cosine_epochs * steps_per_epoch if s.cosine_epochs else total_steps
+        schedule = LrSchedule(s.schedule, optimizer, base_lrs, steps_per_epoch, total_steps)
         result = TrainResult(self.run_dir)
 
         epoch, batch_in_epoch, step = 0, 0, 0
@@ -367,10 +356,7 @@ class Trainer:
                     losses.append(loss_value)
                     seen += s.batch_size
                     if batch_in_epoch % s.grad_accum == 0:
-                        factor = lr_factor(step, schedule_steps, s, base_lrs[0])
-                        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                            # A group marked scheduled=False keeps its lr (no warm-up, no decay).
-                            group["lr"] = base * (factor if group.get("scheduled", True) else 1.0)
+                        schedule.apply(step, epoch)
                         scaler.step(optimizer)
                         scaler.update()
                         optimizer.zero_grad(set_to_none=True)

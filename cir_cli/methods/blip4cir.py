@@ -334,23 +334,14 @@ class Blip4CirFinetune(CachedRowsStage, _DirectedTask):
         method = self.recipe.method
         return [
             {"params": body, "lr": self.cfg.lr, "weight_decay": self.cfg.weight_decay},
+            # Second: the seeds schedule group 0 only (onlyGroup0=True), so with
+            # finetune.schedule_groups = "first" text_proj stays at 100x lr all run.
             {
                 "params": list(backbone.text_proj.parameters()),
                 "lr": self.cfg.lr * method.text_proj_lr_scale,
                 "weight_decay": self.cfg.weight_decay,
-                # The seeds schedule only group 0 (onlyGroup0=True): text_proj stays at 100x.
-                "scheduled": method.schedule_text_proj,
             },
         ]
-
-    def make_optimizer(self, groups):
-        return torch.optim.AdamW(
-            groups,
-            lr=self.cfg.lr,
-            betas=self.cfg.betas,
-            eps=self.cfg.eps,
-            weight_decay=self.cfg.weight_decay,
-        )
 
     def set_train_mode(self) -> None:
         self.model.eval()

@@ -24,8 +24,9 @@ Encoders (`backbone.name`):
 
 Differences from the published code, on purpose (each named in the recipes):
 - the validation runs in eval mode (CaLa left the Q-Formers' dropout on);
-- the cosine schedule is clamped at finetune.cosine_epochs (CaLa's rose back after max_epoch)
-  and advances per step, not per epoch;
+- the schedule, its parameter groups and which of them follow it are CaLa's by default
+  (finetune.scheduler = "epoch_cosine", schedule_groups = "first", query tokens in their own
+  groups); fixes.step_cosine / fixes.schedule_query_tokens switch to cir's versions;
 - switches, off in the paper recipes (which reproduce CaLa): HCA can mask padded caption
   tokens (`method.text_padding_mask`; CaLa has no mask) and CLIP maps can become tokens with a
   proper permute (`method.compat_reshape = false`; the recipes keep CaLa's `.view`);
@@ -461,22 +462,30 @@ class CalaFinetune(CachedRowsStage, TripletTrainingTask):
     # -- optimisation ----------------------------------------------------------------------------
 
     def param_groups(self) -> list[dict]:
-        """Spec 3.6: the trained encoders at lr (the multimodal Q-Former first: CaLa schedules
-        group 0 only), TAC / HCA at 2x, ARTEMIS at 10x; AdamW weight decay on all."""
+        """Spec 3.6, in CaLa's order (src/blip_fine_tune.py): the multimodal Q-Former, its
+        query_tokens, the textual Q-Former, (encoder "both") the visual Q-Former and its
+        query_tokens, all at lr; TAC / HCA at 2x, ARTEMIS at 10x; AdamW weight decay on all.
+
+        CaLa's cosine_lr_schedule(onlyGroup0=True) moves group 0 only (finetune.schedule_groups
+        = "first"): the query tokens, in their own groups, keep the base lr all run unless
+        fixes.schedule_query_tokens puts them in their Q-Former's group.
+        """
         model: Cala = self.model
         mc, lr, wd = self.method_cfg, self.cfg.lr, self.cfg.weight_decay
-        scheduled_rest = mc.schedule_all_groups
+        merge_tokens = self.recipe.fixes.schedule_query_tokens
         if model.family == "blip2":
-            encoders = [list(model.multimodal_qformer.parameters())]
+            mm = model.multimodal_qformer
+            body = [p for p in mm.parameters() if p is not mm.query_tokens]
+            tokens = mm.query_tokens
+            encoders = [body + [tokens]] if merge_tokens else [body, [tokens]]
             encoders.append(model.text_qformer.text_path_parameters())
             if mc.encoder == "both":
-                encoders.append(model.backbone.query_path_parameters())
+                tokens = model.backbone.query_tokens
+                body = [p for p in model.backbone.query_path_parameters() if p is not tokens]
+                encoders += [body + [tokens]] if merge_tokens else [body, [tokens]]
         else:
             encoders = [model.backbone.text_parameters()]
-        groups = [
-            {"params": params, "lr": lr, "weight_decay": wd, "scheduled": i == 0 or scheduled_rest}
-            for i, params in enumerate(encoders)
-        ]
+        groups = [{"params": params, "lr": lr, "weight_decay": wd} for params in encoders]
         heads = []
         if mc.tac_weight > 0:
             heads.append((model.tac, mc.tac_lr_scale))
@@ -486,19 +495,9 @@ class CalaFinetune(CachedRowsStage, TripletTrainingTask):
             heads.append((model.artemis, mc.artemis_lr_scale))
         for module, scale in heads:
             groups.append(
-                {
-                    "params": list(module.parameters()),
-                    "lr": lr * scale,
-                    "weight_decay": wd,
-                    "scheduled": scheduled_rest,
-                }
+                {"params": list(module.parameters()), "lr": lr * scale, "weight_decay": wd}
             )
         return groups
-
-    def make_optimizer(self, groups):
-        return torch.optim.AdamW(
-            groups, lr=self.cfg.lr, betas=tuple(self.cfg.betas), eps=self.cfg.eps
-        )
 
     def set_train_mode(self) -> None:
         # Dropout of the Q-Formers and HCA on; the BLIP-2 ViT stays in eval (backbone.train),

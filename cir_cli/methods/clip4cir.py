@@ -173,17 +173,6 @@ class Clip4CirFinetune(TripletTrainingTask):
         }[self.cfg.encoder]
         return [{"params": params, "lr": self.cfg.lr, "weight_decay": self.cfg.weight_decay}]
 
-    def make_optimizer(self, groups):
-        return torch.optim.AdamW(
-            groups,
-            lr=self.cfg.lr,
-            betas=self.cfg.betas,
-            eps=self.cfg.eps,
-            weight_decay=self.cfg.weight_decay,
-            # the multi-tensor update: same arithmetic, far fewer kernel launches
-            foreach=True,
-        )
-
     def set_train_mode(self) -> None:
         # CLIP4Cir keeps CLIP in eval mode while fine-tuning (spec 3.2 / bug 22): BatchNorm of
         # RN backbones uses its running statistics; CLIP has no dropout. Kept for fidelity.

@@ -448,18 +448,10 @@ class LinCirFinetune:
             }
         ]
 
-    def make_optimizer(self, groups):
-        optimizer = torch.optim.AdamW(
-            groups,
-            lr=self.cfg.lr,
-            betas=self.cfg.betas,
-            eps=self.cfg.eps,
-            weight_decay=self.cfg.weight_decay,
-        )
+    def after_optimizer_step(self) -> None:
+        """The trainer calls it after every real optimizer step (not after a GradScaler skip)."""
         if self.ema is not None:
-            # After every real optimizer step (a GradScaler skip does not call step()).
-            optimizer.register_step_post_hook(lambda *_: self._update_ema())
-        return optimizer
+            self._update_ema()
 
     @torch.no_grad()
     def _update_ema(self) -> None:

@@ -11,10 +11,10 @@ image) gives f_q = norm(text_proj(h[:, Nq])). Targets: the Nq projected query to
 (N, Nq, E); score = max over them.
 
 Differences from the published code, on purpose:
-- OneCycle spans the configured run (`method.schedule_epochs`, default = finetune.epochs); the
-  CIRR script hard-coded 80 epochs, so a 50-epoch run stopped at ~62% of its cosine and more than
-  80 epochs crashed. `schedule_epochs = 80` reproduces it. Beta1 cycling is explicit
-  (`cycle_momentum`, on as in the published runs).
+- OneCycle (the engine's "onecycle" schedule, finetune.*) spans finetune.schedule_epochs: 80 in
+  the CIRR recipes as SPRC's script, whatever the run length (a 50-epoch run stops at ~62% of
+  the cosine); fixes.onecycle_spans_run spans the run instead. Past its end the final lr holds
+  (SPRC's script crashed above 80 epochs). Beta1 cycling is explicit (`cycle_momentum`).
 - The prompt's CLS index is num_query_tokens, not a hard-coded 32; loss_align expands the
   (1, D) prompt mean explicitly instead of broadcasting with a warning.
 - Under torchrun the targets of all ranks are gathered (N processes = one process's batch).
@@ -23,7 +23,6 @@ Differences from the published code, on purpose:
 
 from __future__ import annotations
 
-import math
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -57,38 +56,6 @@ def blip_caption(text: str, max_words: int = 50) -> str:
     text = re.sub(r"\s{2,}", " ", text).rstrip("\n").strip(" ")
     words = text.split(" ")
     return " ".join(words[:max_words]) if len(words) > max_words else text
-
-
-def onecycle(
-    step: int,
-    total_steps: int,
-    pct_start: float,
-    div_factor: float,
-    final_div_factor: float,
-    base_momentum: float = 0.85,
-    max_momentum: float = 0.95,
-) -> tuple[float, float]:
-    """(lr factor, beta1) of torch's OneCycleLR (cos annealing, two phases) at `step`.
-
-    Phase 1 anneals lr/div_factor -> lr and beta1 0.95 -> 0.85 over pct_start of the steps;
-    phase 2 anneals lr -> lr/(div_factor*final_div_factor) and beta1 back to 0.95. Steps past
-    the end keep the final values (torch raises there; SPRC's CIRR script crashed above 80
-    epochs).
-    """
-
-    def cos(start: float, end: float, pct: float) -> float:
-        return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
-
-    initial = 1.0 / div_factor
-    final = initial / final_div_factor
-    step = min(step, total_steps - 1)
-    peak = float(pct_start * total_steps) - 1
-    last = total_steps - 1
-    if step <= peak:
-        pct = step / peak if peak > 0 else 1.0
-        return cos(initial, 1.0, pct), cos(max_momentum, base_momentum, pct)
-    pct = (step - peak) / (last - peak) if last > peak else 1.0
-    return cos(1.0, final, pct), cos(base_momentum, max_momentum, pct)
 
 
 class Sprc(CIRMethod):
@@ -252,13 +219,6 @@ class SprcFinetune(CachedRowsStage, TripletTrainingTask):
         super().__init__(model, device)
         self.cfg = self.recipe.finetune
         self.method_cfg = self.recipe.method
-        if self.method_cfg.schedule == "onecycle" and (
-            self.cfg.scheduler != "constant" or self.cfg.warmup_steps
-        ):
-            raise CirError(
-                "method.schedule = 'onecycle' sets the lr itself; leave finetune.scheduler = "
-                "'constant' and finetune.warmup_steps = 0 (or set method.schedule = 'trainer')"
-            )
         if self.cfg.encoder != "both":
             raise CirError(
                 "finetune.encoder: SPRC trains the Q-Former (the ViT is always frozen); "
@@ -288,52 +248,6 @@ class SprcFinetune(CachedRowsStage, TripletTrainingTask):
             {"params": decay, "lr": lr, "weight_decay": wd},
             {"params": no_decay, "lr": lr, "weight_decay": 0.0},
         ]
-
-    def schedule_steps(self) -> int:
-        """Optimizer steps the OneCycle curve spans (the trainer's per-epoch count x epochs)."""
-        batches = self.num_samples() // self.cfg.batch_size
-        per_epoch = max(batches // self.cfg.grad_accum, 1)
-        epochs = self.method_cfg.schedule_epochs
-        if epochs is not None:
-            return max(round(epochs * per_epoch), 1)
-        total = self.cfg.epochs * per_epoch
-        if self.cfg.max_steps:
-            total = min(total, self.cfg.max_steps) if self.cfg.epochs else self.cfg.max_steps
-        return max(total, 1)
-
-    def make_optimizer(self, groups):
-        optimizer = torch.optim.AdamW(
-            groups,
-            lr=self.cfg.lr,
-            betas=tuple(self.cfg.betas),
-            eps=self.cfg.eps,
-            weight_decay=self.cfg.weight_decay,
-        )
-        if self.method_cfg.schedule == "onecycle":
-            mc = self.method_cfg
-            total = self.schedule_steps()
-            for group in optimizer.param_groups:
-                group["schedule_base_lr"] = group["lr"]
-                group["schedule_step"] = 0
-
-            def apply_schedule(opt, _args, _kwargs) -> None:
-                # Runs right before every optimizer step; the step counter lives in the param
-                # groups, so it is saved with the optimizer state and a resumed run continues.
-                for group in opt.param_groups:
-                    factor, beta1 = onecycle(
-                        group["schedule_step"],
-                        total,
-                        mc.pct_start,
-                        mc.div_factor,
-                        mc.final_div_factor,
-                    )
-                    group["lr"] = group["schedule_base_lr"] * factor
-                    if mc.cycle_momentum:
-                        group["betas"] = (beta1, group["betas"][1])
-                    group["schedule_step"] += 1
-
-            optimizer.register_step_pre_hook(apply_schedule)
-        return optimizer
 
     def set_train_mode(self) -> None:
         # Q-Former dropout active; the backbone keeps its ViT in eval (spec 1.7 mode switching).
