@@ -162,15 +162,6 @@ class RerankMethod(_Section):
     # Layers >= this merge the two branches' cross-attention outputs with a learned Linear;
     # earlier layers average them (CR: 6 of 12).
     merge_from_layer: int = Field(6, ge=0)
-    # CR's per-epoch cosine lr(e) = lr/2 (1 + cos(pi e / max_epoch)) with these periods
-    # (--blip-max-epoch: CIRR 10 / 80, FashionIQ 20 / 50); None = the stage's epochs.
-    finetune_max_epoch: int | None = Field(None, ge=1)
-    rerank_max_epoch: int | None = Field(None, ge=1)
-    # CR's cosine is not clamped: past max_epoch it rises again (true reproduces); false
-    # holds it at 0 after max_epoch.
-    periodic_cosine: bool = True
-    # Stage-II AdamW weight decay (CR's nlvr.yaml: 0.05); stage I uses finetune.weight_decay.
-    rerank_weight_decay: float = Field(0.05, ge=0)
     # Stage-II training inputs: z_t from the stage-I encoder in train mode (dropout active) as
     # CR does (true), or in eval mode (false). CR's stage-II ViT also ran with drop-path 0.1;
     # here ViT tokens are cached (frozen, eval), which drops that noise (README deviations).
@@ -300,6 +291,14 @@ class CombinerConfig(_Section):
     lr: float = Field(2e-5, gt=0)
     # Adam(lr) with torch's defaults, no schedule (CLIP4Cir / Bi-BLIP4CIR combiner_train.py).
     optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)
+    # The stage's lr schedule, as finetune's (engine/optim.py); constant for the Combiners,
+    # the re-ranker's stage II uses CR's per-epoch cosine.
+    scheduler: Literal["constant", "cosine", "epoch_cosine", "onecycle"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    schedule_epochs: float | None = Field(None, gt=0)
+    schedule_groups: Literal["all", "first"] = "all"
     projection_dim: int = Field(2560, ge=1)
     hidden_dim: int = Field(5120, ge=1)
     dropout: float = Field(0.5, ge=0, lt=1)
@@ -604,6 +603,10 @@ _MOVED = {
     "method.cycle_momentum": "finetune.cycle_momentum",
     "method.schedule_text_proj": 'finetune.schedule_groups = "all"',
     "method.schedule_all_groups": 'finetune.schedule_groups = "all"',
+    "method.finetune_max_epoch": 'finetune.schedule_epochs (finetune.scheduler = "epoch_cosine")',
+    "method.rerank_max_epoch": 'combiner.schedule_epochs (combiner.scheduler = "epoch_cosine")',
+    "method.periodic_cosine": "fixes.step_cosine (true: per step, held at 0 past the span)",
+    "method.rerank_weight_decay": "combiner.weight_decay",
 }
 
 

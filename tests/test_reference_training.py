@@ -373,7 +373,8 @@ def test_open_clip_towers_equal_hf_clip_on_the_same_weights() -> None:
 # CLIP4Cir clip_fine_tune.py / combiner_train.py (FIQ average_recall; CIRR arithmetic_mean,
 # also harmonic / geometric files), Bi-Blip4CIR (CIRR 'mean(R@5+R_s@1)'), SPRC
 # blip_fine_tune_2.py (CIRR arithmetic_mean), CaLa blip_fine_tune.py (CIRR arithmetic_mean),
-# LinCIR train_phi.py (cirr_recall_at1).
+# LinCIR train_phi.py (cirr_recall_at1), Candidate-Reranking-CIR (both stages: CIRR
+# mean(R@5+R_s@1) as blip_mean.pt, FIQ average_recall as blip.pt).
 REFERENCE_SELECTION = {
     "clip4cir_fiq": "average_recall", "clip4cir_cirr": "arithmetic_mean",
     "blip4cir_fiq": "average_recall", "blip4cir_cirr": "mean_r5_rs1",
@@ -384,6 +385,8 @@ REFERENCE_SELECTION = {
     "cala_clip_cirr": "arithmetic_mean", "cala_blip2_fiq": "average_recall",
     "cala_clip_fiq": "average_recall",
     "lincir_large": "recall_at1", "lincir_huge": "recall_at1", "lincir_giga": "recall_at1",
+    "rerank_cirr": "mean_r5_rs1", "rerank_fiq": "average_recall",
+    "rerank_sprc_cirr": "mean_r5_rs1",
 }
 
 

@@ -561,7 +561,10 @@ def test_submission_keeps_50_and_needs_stage2(trained, tmp_path: Path) -> None:
 
 
 def test_stage2_loss_is_the_pair_loop_and_cosine_is_periodic() -> None:
-    from cir_cli.methods.rerank import cosine_factor, pair_logits
+    from cir_cli.engine.optim import ScheduleContext, schedule_factor
+    from cir_cli.methods.rerank import pair_logits
+    from cir_cli.recipes import load_recipe
+    from cir_cli.workflows import train_settings
 
     class Toy:
         scorer = DualEncoderScorer(TINY).eval()
@@ -588,12 +591,23 @@ def test_stage2_loss_is_the_pair_loop_and_cosine_is_periodic() -> None:
             ]
         )
     assert torch.allclose(logits, loop, atol=1e-5)
+    # The engine's schedule of the paper recipe (what the trainer applies), per epoch.
+    cirr = load_recipe("rerank_cirr")
+    stage1, stage2 = train_settings(cirr, "finetune"), train_settings(cirr, "combiner")
+
+    def factor(settings, epoch: int) -> float:
+        ctx = ScheduleContext(epoch * 7 + 3, epoch, 7, 7 * settings.epochs, 2e-5)
+        return schedule_factor(settings.schedule, ctx)[0]
+
     # CIRR stage I: period 10, 40 epochs: back to lr at epoch 20, ~0.976 lr at 39 (spec 7).
-    assert cosine_factor(0, 10, True) == 1.0 and cosine_factor(10, 10, True) == pytest.approx(0)
-    assert cosine_factor(20, 10, True) == pytest.approx(1.0)
-    assert cosine_factor(39, 10, True) == pytest.approx(1.95e-5 / 2e-5, abs=2e-3)
-    assert cosine_factor(99, 80, True) == pytest.approx(0.5 * (1 + math.cos(math.pi * 99 / 80)))
-    assert cosine_factor(39, 10, False) == pytest.approx(0.0, abs=1e-12)
+    assert factor(stage1, 0) == 1.0 and factor(stage1, 10) == pytest.approx(0, abs=1e-12)
+    assert factor(stage1, 20) == pytest.approx(1.0)
+    assert factor(stage1, 39) == pytest.approx(1.95e-5 / 2e-5, abs=2e-3)
+    assert factor(stage2, 99) == pytest.approx(0.5 * (1 + math.cos(math.pi * 99 / 80)))
+    assert stage2.optimizer.name == "adamw" and stage2.optimizer.weight_decay == 0.05
+    # fixes.step_cosine: per step, held at 0 past the span.
+    fixed = load_recipe("rerank_cirr", ["fixes.step_cosine=true"])
+    assert factor(train_settings(fixed, "finetune"), 39) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_paper_recipes_carry_the_published_settings() -> None:
@@ -602,13 +616,14 @@ def test_paper_recipes_carry_the_published_settings() -> None:
 
     cirr, fiq, sprc = (load_recipe(n) for n in ("rerank_cirr", "rerank_fiq", "rerank_sprc_cirr"))
     for r, (e1, m1, e2, m2, k) in ((cirr, (40, 10, 100, 80, 50)), (fiq, (20, 20, 50, 50, 100))):
-        assert (r.finetune.epochs, r.method.finetune_max_epoch) == (e1, m1)
-        assert (r.combiner.epochs, r.method.rerank_max_epoch) == (e2, m2)
+        assert (r.finetune.epochs, r.finetune.schedule_epochs) == (e1, m1)
+        assert (r.combiner.epochs, r.combiner.schedule_epochs) == (e2, m2)
+        assert r.finetune.scheduler == r.combiner.scheduler == "epoch_cosine"
         assert (r.finetune.batch_size, r.combiner.batch_size) == (512, 16)
         assert r.finetune.lr == r.combiner.lr == 2e-5
-        assert r.finetune.weight_decay == r.method.rerank_weight_decay == 0.05
+        assert r.finetune.weight_decay == r.combiner.weight_decay == 0.05
         assert r.rerank.k == k and r.rerank.fusion == "none" and r.rerank.candidates == "self"
-        assert r.method.merge_from_layer == 6 and r.method.periodic_cosine
+        assert r.method.merge_from_layer == 6 and not r.fixes.step_cosine
         assert r.backbone.image_size == 384 and r.data.target_ratio == 1.25
     assert fiq.data.dataset == "fashioniq" and cirr.data.dataset == "cirr"
     assert sprc.rerank.candidates == "candidates/sprc_cirr" and sprc.rerank.k == 50

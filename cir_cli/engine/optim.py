@@ -246,7 +246,7 @@ class LrSchedule:
 
 def stage_specs(cfg: Any, fixes: Any = None) -> tuple[OptimizerSpec, ScheduleSpec]:
     """(optimizer, schedule) of a recipe stage section ([finetune] or [combiner]), with the
-    recipe's [fixes] applied. The Combiner sections have no schedule keys: constant."""
+    recipe's [fixes] applied (a Combiner section's default schedule is constant)."""
     optimizer = OptimizerSpec(
         name=getattr(cfg, "optimizer", "adamw"),
         lr=cfg.lr,

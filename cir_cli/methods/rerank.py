@@ -23,7 +23,7 @@ for stage II (spec 11.2); one copy is kept here.
 Fixed (cannot change a number): ties in the re-ranked order keep the first-stage order (CR's
 argsort is unstable); queries whose target is not among the K are re-ranked like the others
 (CR set their scores to -99999.99 using the labels, spec 11.5). Switches (reference default):
-`method.periodic_cosine`, `method.noisy_z_t`, `method.token_precision` (README deviations).
+`fixes.step_cosine`, `method.noisy_z_t`, `method.token_precision` (README deviations).
 """
 
 from __future__ import annotations
@@ -507,41 +507,8 @@ def result_from_lists(
 # Training
 
 
-def cosine_factor(epoch: int, max_epoch: int, periodic: bool) -> float:
-    """CR's per-epoch cosine (utils.py:216-221) with min lr 0: ½(1 + cos(π e / max_epoch)),
-    unclamped when `periodic` (rises again after max_epoch), else held at 0 past it."""
-    e = epoch if periodic else min(epoch, max_epoch)
-    return 0.5 * (1.0 + math.cos(math.pi * e / max_epoch))
-
-
 class _RerankTask(CachedRowsStage, TripletTrainingTask):
     model: Rerank
-
-    def _check_schedule(self, cfg) -> None:
-        if getattr(cfg, "scheduler", "constant") != "constant" or getattr(cfg, "warmup_steps", 0):
-            raise CirError(
-                "the rerank method sets the lr itself (CR's per-epoch cosine); leave "
-                "finetune.scheduler = 'constant' and finetune.warmup_steps = 0"
-            )
-
-    def _install_cosine(self, optimizer, max_epoch: int | None, epochs: int, batch: int, accum):
-        """Per-epoch cosine applied before each optimizer step (the step counter lives in the
-        param groups, so a resumed run continues it)."""
-        per_epoch = max(self.num_samples() // batch // accum, 1)
-        period = max_epoch or max(epochs, 1)
-        periodic = self.recipe.method.periodic_cosine
-        for group in optimizer.param_groups:
-            group["cosine_base_lr"] = group["lr"]
-            group["cosine_step"] = 0
-
-        def apply(opt, _args, _kwargs) -> None:
-            for group in opt.param_groups:
-                epoch = group["cosine_step"] // per_epoch
-                group["lr"] = group["cosine_base_lr"] * cosine_factor(epoch, period, periodic)
-                group["cosine_step"] += 1
-
-        optimizer.register_step_pre_hook(apply)
-        return optimizer
 
     def gather(self, indices: list[int]):
         from cir_cli.engine.common import training_text
@@ -561,7 +528,6 @@ class RerankStage1(_RerankTask):
     def __init__(self, model: Rerank, device: torch.device) -> None:
         super().__init__(model, device)
         self.cfg = self.recipe.finetune
-        self._check_schedule(self.cfg)
         model.rerank_disabled = True
         self.rows, self.features = self.train_image_features(lazy=True)
         self.index_triplet_rows(self.rows)
@@ -571,21 +537,6 @@ class RerankStage1(_RerankTask):
         params = [*b.text_encoder.parameters(), *b.text_proj.parameters(), self.model.temp]
         return [{"params": params, "lr": self.cfg.lr, "weight_decay": self.cfg.weight_decay}]
 
-    def make_optimizer(self, groups):
-        opt = torch.optim.AdamW(
-            groups,
-            lr=self.cfg.lr,
-            betas=tuple(self.cfg.betas),
-            eps=self.cfg.eps,
-            weight_decay=self.cfg.weight_decay,
-        )
-        return self._install_cosine(
-            opt,
-            self.recipe.method.finetune_max_epoch,
-            self.cfg.epochs,
-            self.cfg.batch_size,
-            self.cfg.grad_accum,
-        )
 
     def set_train_mode(self) -> None:
         self.model.eval()
@@ -630,18 +581,11 @@ class RerankStage2(_RerankTask):
         self.index_triplet_rows(self.rows)
 
     def param_groups(self) -> list[dict]:
-        wd = self.recipe.method.rerank_weight_decay
+        wd = self.cfg.weight_decay
         return [
             {"params": list(self.model.scorer.parameters()), "lr": self.cfg.lr, "weight_decay": wd}
         ]
 
-    def make_optimizer(self, groups):
-        opt = torch.optim.AdamW(
-            groups, lr=self.cfg.lr, weight_decay=self.recipe.method.rerank_weight_decay
-        )
-        return self._install_cosine(
-            opt, self.recipe.method.rerank_max_epoch, self.cfg.epochs, self.cfg.batch_size, 1
-        )
 
     def set_train_mode(self) -> None:
         self.model.eval()
