@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cir_cli.engine.run_log import flatten
 from cir_cli.errors import CirError
 
 # A run whose progress.json has not moved for this long, on another host, counts as interrupted.
@@ -205,16 +206,6 @@ def find_run(output_dir: str | os.PathLike[str], ref: str) -> Path:
     )
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _metrics(run_dir: Path, info: RunInfo) -> dict[str, Any]:
     """The best validation of a training run, or a validate run's metrics."""
     history = _read_csv(run_dir / "metrics.csv")
@@ -231,7 +222,7 @@ def compare_runs(a: Path, b: Path) -> dict[str, Any]:
     if None in infos:
         raise CirError(f"--compare: {a if infos[0] is None else b} has no readable manifest.json")
     recipes = [
-        _flatten((_read_json(p / "manifest.json") or {}).get("recipe") or {}) for p in (a, b)
+        flatten((_read_json(p / "manifest.json") or {}).get("recipe") or {}) for p in (a, b)
     ]
     keys = sorted(set(recipes[0]) | set(recipes[1]))
     differences = {

@@ -232,15 +232,16 @@ def start_comet(logging_config: Any, run_dir: Path, recipe_dict: dict, project_d
         experiment = comet_ml.Experiment(project_name=project, workspace=logging_config.workspace)
     if logging_config.experiment_name:
         experiment.set_name(logging_config.experiment_name)
-    experiment.log_parameters(_flatten(recipe_dict))
+    experiment.log_parameters(flatten(recipe_dict))
     return experiment
 
 
-def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: a resolved recipe as dotted keys (Comet, `cir runs`)."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
