@@ -1298,8 +1298,8 @@ def write_results(results: Sequence[QueryResult], path: str | os.PathLike[str]) 
     return out
 
 
-def _thumbnail_uri(path: Path, size: int) -> str | None:
-    """A small JPEG of `path` as a data: URI (None when the file cannot be read any more)."""
+def thumbnail_jpeg(path: Path, size: int) -> bytes | None:
+    """A JPEG of `path` fitted into size x size (None when the file cannot be read any more)."""
     from PIL import Image
 
     try:
@@ -1310,7 +1310,28 @@ def _thumbnail_uri(path: Path, size: int) -> str | None:
             im.save(buf, format="JPEG", quality=85)
     except Exception:  # noqa: BLE001 - a deleted/broken file becomes a placeholder tile
         return None
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
+
+
+def thumbnail_uri(path: Path, size: int) -> str | None:
+    """thumbnail_jpeg as a data: URI, for pages that must open without the original files."""
+    jpeg = thumbnail_jpeg(path, size)
+    return None if jpeg is None else "data:image/jpeg;base64," + base64.b64encode(jpeg).decode(
+        "ascii"
+    )
+
+
+def html_page_head(title: str, subtitle: str, css: str) -> list[str]:
+    """The opening of a self-contained page (inline CSS), title and subtitle escaped."""
+    esc = html.escape
+    return [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{esc(title)}</title><style>{css}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+        f'<div class="meta">{esc(subtitle)}</div>' if subtitle else "",
+    ]
 
 
 _CSS = """
@@ -1346,17 +1367,10 @@ def render_html(
     anywhere (mail it, open it from another machine) without the original files.
     """
     esc = html.escape
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{esc(title)}</h1>",
-        f'<div class="meta">{esc(subtitle)}</div>' if subtitle else "",
-    ]
+    parts = html_page_head(title, subtitle, _CSS)
     for qi, result in enumerate(results, 1):
         q = result.query
-        uri = _thumbnail_uri(q.image, thumb_size)
+        uri = thumbnail_uri(q.image, thumb_size)
         img = f'<img src="{uri}" alt="query image">' if uri else '<div class="missing">?</div>'
         parts.append(f'<section><div class="query">{img}<div>')
         parts.append(f'<div class="meta">query {qi}: {esc(str(q.image))}</div>')
@@ -1367,7 +1381,7 @@ def render_html(
         parts.append('</div></div><div class="grid">')
         target_row = str(q.target.resolve()) if q.target is not None else None
         for hit in result.hits:
-            uri = _thumbnail_uri(hit.path, thumb_size)
+            uri = thumbnail_uri(hit.path, thumb_size)
             tile = (
                 f'<img src="{uri}" alt="{esc(hit.path.name)}" loading="eager">'
                 if uri

@@ -127,26 +127,21 @@ class DemoState:
         return self.index.root / rel
 
     def thumbnail(self, rel: str) -> bytes:
-        from PIL import Image
-
         path = self.file(rel)
         with self.lock:
             cached = self.thumbs.get(rel)
         if cached is not None:
             return cached
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                im.thumbnail((_THUMB, _THUMB))
-                buf = io.BytesIO()
-                im.save(buf, format="JPEG", quality=85)
-        except Exception:  # noqa: BLE001 - the file changed or vanished since indexing
-            raise BadRequest(f"{rel!r} can no longer be read", 404) from None
+        from cir_cli.search import thumbnail_jpeg
+
+        jpeg = thumbnail_jpeg(path, _THUMB)
+        if jpeg is None:  # the file changed or vanished since indexing
+            raise BadRequest(f"{rel!r} can no longer be read", 404)
         with self.lock:
-            self.thumbs[rel] = buf.getvalue()
+            self.thumbs[rel] = jpeg
             while len(self.thumbs) > _THUMBS_KEPT:
                 self.thumbs.popitem(last=False)
-        return buf.getvalue()
+        return jpeg
 
     def search(self, image: Path, text: str, k: int):
         from cir_cli import search as lib

@@ -68,11 +68,11 @@ class _Thumbs:
         self.paths, self.size, self.memo = paths, size, {}
 
     def tag(self, name: str, alt: str) -> str:
-        from cir_cli.search import _thumbnail_uri
+        from cir_cli.search import thumbnail_uri
 
         if name not in self.memo:
             path = self.paths.get(name)
-            self.memo[name] = _thumbnail_uri(Path(path), self.size) if path else None
+            self.memo[name] = thumbnail_uri(Path(path), self.size) if path else None
         uri = self.memo[name]
         if uri is None:
             return f'<div class="missing" title="{esc(name)}">?</div>'
@@ -257,13 +257,10 @@ def render_report(
     thumb_size: int = 128,
 ) -> Path:
     """Write the report page atomically; returns its path."""
+    from cir_cli.search import html_page_head
+
     parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{esc(title)}</h1>",
-        f'<div class="meta">{esc(subtitle)}</div>' if subtitle else "",
+        *html_page_head(title, subtitle, _CSS),
         '<section class="block" id="metrics"><h2>Headline metrics</h2>',
         _metrics_table(metrics, reports),
         "</section>",
