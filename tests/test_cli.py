@@ -127,9 +127,9 @@ def test_debug_shows_the_traceback() -> None:
     from cir_cli.errors import CirError
 
     assert isinstance(result.exception, CirError)
-    from cir_cli import cli
+    from cir_cli.cli import common
 
-    cli._state["debug"] = False
+    common._state["debug"] = False
 
 
 def _sets(root: Path, out: Path) -> list[str]:
@@ -142,19 +142,20 @@ def _sets(root: Path, out: Path) -> list[str]:
 @pytest.mark.parametrize("folder", ["runs/it's", 'runs/say "hi"', "runs/back\\slash", "runs/a=b"])
 def test_output_dir_is_taken_verbatim(folder: str) -> None:
     """--output-dir is set as a typed value, not re-parsed as TOML (a quote once changed it)."""
-    from cir_cli import cli
+    from cir_cli.cli import common
 
-    assert cli._load("toy_clip4cir", None, Path(folder), None).output.dir == folder
-    assert cli._load("toy_clip4cir", None, None, "cuda:1").device == "cuda:1"
+    assert common._load("toy_clip4cir", None, Path(folder), None).output.dir == folder
+    assert common._load("toy_clip4cir", None, None, "cuda:1").device == "cuda:1"
 
 
 _NOISY = """
 import logging, sys
 from cir_cli import cli
+from cir_cli.cli.common import cli_command
 from cir_cli.errors import CirError
 
 @cli.app.command("noisy")
-@cli.cli_command
+@cli_command
 def noisy() -> None:
     logging.error("a library's own complaint")  # what made 'ERROR:root:...' appear
     logging.getLogger("transformers").warning("a transformers warning")

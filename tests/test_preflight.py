@@ -179,7 +179,7 @@ def test_dry_run_resolves_latest_and_reports_all_problems(toy_root: Path, tmp_pa
 
 
 def test_output_dir_keeps_the_feature_cache(tmp_path: Path) -> None:
-    from cir_cli.cli import _load
+    from cir_cli.cli.common import _load
 
     cfg = _load("toy_clip4cir", None, tmp_path / "elsewhere", None)
     assert cfg.output.dir == str(tmp_path / "elsewhere")

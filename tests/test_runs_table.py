@@ -152,7 +152,7 @@ def test_runs_cli_table_json_and_compare(runs: Path) -> None:
 
 def test_version_and_recipe_completion() -> None:
     from cir_cli import __version__
-    from cir_cli.cli import complete_recipe
+    from cir_cli.cli.common import complete_recipe
 
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"cir {__version__}"
@@ -171,7 +171,7 @@ def test_recipes_show_prints_unset_keys_as_comments() -> None:
 
 
 def test_fashioniq_metrics_grid(capsys: pytest.CaptureFixture[str]) -> None:
-    from cir_cli.cli import _print_metrics
+    from cir_cli.cli.workflows import _print_metrics
     from cir_cli.metrics import fashioniq_summary
 
     metrics = fashioniq_summary(
@@ -214,7 +214,7 @@ def test_hints_name_real_options(tmp_path: Path) -> None:
 
 
 def test_submit_names_the_servers() -> None:
-    from cir_cli.cli import SUBMISSION_SERVERS
+    from cir_cli.cli.workflows import SUBMISSION_SERVERS
 
     assert SUBMISSION_SERVERS["cirr"][0] == "https://cirr.cecs.anu.edu.au/test_process/"
     assert SUBMISSION_SERVERS["circo"][0] == "https://circo.micc.unifi.it/evaluation"

@@ -1,7 +1,7 @@
 """`cir demo INDEX`: a local search page over an index (library: cir_cli/demo/app.py).
 
-Registered on the main app by cli.py; starlette, uvicorn, torch and the model are imported inside
-the command, so `cir --help` stays fast.
+starlette, uvicorn, torch and the model are imported inside the command, so `cir --help` stays
+fast.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from typing import Annotated
 
 import typer
 
-from cir_cli.cli import CkptOpt, DeviceOpt, _console, app, cli_command
+from cir_cli.cli.common import CkptOpt, DeviceOpt, _console, cli_command
+
+app = typer.Typer()
 
 
 @app.command()

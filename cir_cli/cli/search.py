@@ -1,7 +1,6 @@
-"""`cir index` and `cir search`: retrieval over a user's own image folder (library: search.py).
+"""`cir index` and `cir search`: retrieval over a user's own image folder (library: search/).
 
-Registered on the main app (cli.py imports this module before `main()`); torch and the model
-code are imported inside the commands, so `cir --help` stays fast.
+torch and the model code are imported inside the commands, so `cir --help` stays fast.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from cir_cli.cli import (
+from cir_cli.cli.common import (
     CkptOpt,
     DeviceOpt,
     DryRunOpt,
@@ -21,11 +20,12 @@ from cir_cli.cli import (
     _load,
     _print_dry_run,
     _resolve_and_say,
-    app,
     cli_command,
     complete_recipe,
 )
 from cir_cli.errors import CirError
+
+app = typer.Typer()
 
 # How many unreadable files the summary names before it gives a count.
 _SKIPPED_SHOWN = 20

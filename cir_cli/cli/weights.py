@@ -1,25 +1,23 @@
-"""`cir weights list|check|get` and `cir runs` (library: weights.py, run_table.py).
+"""`cir weights list|check|get` (library: cir_cli/weights.py).
 
-Registered on the main app by cli.py; only the standard library, typer and the recipe schema
-are imported up front, so these commands answer in well under two seconds.
+Only the standard library and typer are imported up front; the recipe schema and weights.py
+inside the commands, so these commands answer in well under two seconds.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cir_cli.cli import SetOpt, _load, app, cli_command, complete_recipe
+from cir_cli.cli.common import SetOpt, _load, cli_command, complete_recipe
 from cir_cli.errors import CirError
 
-weights_app = typer.Typer(
+app = typer.Typer(
     help="Weight files a recipe needs: sources, hashes, local state, the --set lines.",
     no_args_is_help=True,
 )
-app.add_typer(weights_app, name="weights")
 
 DirOpt = Annotated[
     Path | None,
@@ -55,7 +53,7 @@ def _print(name: str, items) -> None:
             typer.echo(line)
 
 
-@weights_app.command("list")
+@app.command("list")
 @cli_command
 def weights_list(
     recipes: Annotated[
@@ -77,7 +75,7 @@ def weights_list(
         _print(name, items)
 
 
-@weights_app.command("check")
+@app.command("check")
 @cli_command
 def weights_check(
     recipe: Annotated[
@@ -100,7 +98,7 @@ def weights_check(
     typer.echo(f"{recipe}: every required input is present")
 
 
-@weights_app.command("get")
+@app.command("get")
 @cli_command
 def weights_get(
     recipe: Annotated[
@@ -147,46 +145,3 @@ def weights_get(
     if left:
         raise CirError(f"{recipe}: {len(left)} input(s) still missing (how to get them: above)")
     typer.echo(f"{recipe}: every {'' if published else 'required '}input is present")
-
-
-# ---------------------------------------------------------------------------------------------
-# runs
-
-
-@app.command("runs")
-@cli_command
-def runs(
-    recipe: Annotated[
-        str | None,
-        typer.Argument(help="Only this recipe's runs.", autocompletion=complete_recipe),
-    ] = None,
-    output_dir: Annotated[
-        Path, typer.Option("--output-dir", "-o", help="Folder of run folders.")
-    ] = Path("runs"),
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON list on stdout.")] = False,
-    compare: Annotated[
-        tuple[str, str] | None,
-        typer.Option("--compare", help="Two run folders (or names under --output-dir)."),
-    ] = None,
-) -> None:
-    """Run folders as a table: recipe, stage, started, steps, status, best metric, base."""
-    from cir_cli import run_table
-
-    if compare:
-        a, b = (run_table.find_run(output_dir, ref) for ref in compare)
-        result = run_table.compare_runs(a, b)
-        if as_json:
-            typer.echo(json.dumps(result, indent=2, default=str))
-        else:
-            for line in run_table.format_compare(result):
-                typer.echo(line)
-        return
-    infos = run_table.list_runs(output_dir, recipe)
-    if as_json:
-        typer.echo(json.dumps([i.to_dict() for i in infos], indent=2, default=str))
-        return
-    if not infos:
-        typer.echo(f"no run folders under {output_dir}" + (f" for {recipe}" if recipe else ""))
-        return
-    for line in run_table.format_table(infos):
-        typer.echo(line)
