@@ -20,7 +20,7 @@ lands in the top-50, so almost every target rank is counted over its whole row.
    ``index.search(q, 50)``, 1000 x 100000 x 256.
 5. Warm feature-cache read of 40k rows x 640 floats (cache.FeatureCache over 40k image files,
    10 shards) vs ``np.load`` + copy of one array of the same rows.
-6. Approximate index (cir_cli.ann, default parameters): recall@50 of its top-50 vs the exact
+6. Approximate index (cir_cli.search.ann, default parameters): recall@50 of its top-50 vs the exact
    top-50, and the latency of 100 queries (rank_faiss on the prebuilt index, candidates
    re-scored) vs exact ranking.rank_gallery. Clustered synthetic data (N / 100 random unit
    centres, points = centre + noise, queries = a gallery point + noise), as image embeddings
@@ -256,7 +256,8 @@ def clustered(n: int, d: int, q: int, seed: int) -> tuple[torch.Tensor, torch.Te
 
 
 def bench_ann(n: int, d: int, kind: str, repeats: int, q: int = 100) -> dict:
-    from cir_cli import ann, ranking, search
+    from cir_cli import ranking, search
+    from cir_cli.search import ann
 
     queries, gallery = clustered(n, d, q, seed=n + d)
     params = ann.resolve_params(kind, {}, n)

@@ -135,7 +135,7 @@ def run_preflight(
         if folder is None or not Path(folder).expanduser().is_dir():
             report.bad(f"image folder {folder}: not a folder")
         else:
-            from cir_cli.search import IMAGE_SUFFIXES
+            from cir_cli.search.storage import IMAGE_SUFFIXES
 
             images = sum(
                 1

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from cir_cli import api
 from cir_cli import search as lib
 from cir_cli.cli import app
+from cir_cli.errors import CirError
 from cir_cli.metrics import CIRR_KS
 from cir_cli.recipes import load_recipe
 from tests.conftest import REPO, toy_overrides
@@ -323,7 +324,7 @@ def test_read_queries_formats(tmp_path: Path) -> None:
     (tmp_path / "q.json").write_text('[{"image": "a.jpg", "text": "t", "target": "b.jpg"}]')
     assert lib.read_queries(tmp_path / "q.json")[0].target == tmp_path / "b.jpg"
     (tmp_path / "bad.jsonl").write_text('{"image": "a.jpg"}\n')
-    with pytest.raises(lib.CirError, match=r"bad.jsonl:1: needs an 'image' path and a 'text'"):
+    with pytest.raises(CirError, match=r"bad.jsonl:1: needs an 'image' path and a 'text'"):
         lib.read_queries(tmp_path / "bad.jsonl")
 
 

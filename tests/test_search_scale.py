@@ -18,6 +18,7 @@ from cir_cli import search as lib
 from cir_cli.cli import app
 from cir_cli.ranking import rank_gallery
 from cir_cli.recipes import load_recipe
+from cir_cli.search import backends
 from tests.conftest import toy_overrides
 
 runner = CliRunner()
@@ -142,7 +143,7 @@ def test_rank_faiss_in_small_batches_equals_one_batch(monkeypatch) -> None:
     queries = torch.randint(-2, 3, (50, 4), generator=gen).float()
     exclude = torch.randint(-1, 300, (50,), generator=gen)
     full = lib.rank_faiss(queries, gallery, 5, exclude)
-    monkeypatch.setattr(lib, "_FAISS_BATCH_ELEMENTS", 1)  # one query per faiss call
+    monkeypatch.setattr(backends, "_FAISS_BATCH_ELEMENTS", 1)  # one query per faiss call
     small = lib.rank_faiss(queries, gallery, 5, exclude)
     assert torch.equal(full[0], small[0]) and torch.equal(full[1], small[1])
     assert torch.equal(small[0], rank_gallery(queries, gallery, 5, exclude).indices)

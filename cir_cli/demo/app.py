@@ -132,7 +132,7 @@ class DemoState:
             cached = self.thumbs.get(rel)
         if cached is not None:
             return cached
-        from cir_cli.search import thumbnail_jpeg
+        from cir_cli.search.html import thumbnail_jpeg
 
         jpeg = thumbnail_jpeg(path, _THUMB)
         if jpeg is None:  # the file changed or vanished since indexing

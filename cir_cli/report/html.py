@@ -68,7 +68,7 @@ class _Thumbs:
         self.paths, self.size, self.memo = paths, size, {}
 
     def tag(self, name: str, alt: str) -> str:
-        from cir_cli.search import thumbnail_uri
+        from cir_cli.search.html import thumbnail_uri
 
         if name not in self.memo:
             path = self.paths.get(name)
@@ -257,7 +257,7 @@ def render_report(
     thumb_size: int = 128,
 ) -> Path:
     """Write the report page atomically; returns its path."""
-    from cir_cli.search import html_page_head
+    from cir_cli.search.html import html_page_head
 
     parts = [
         *html_page_head(title, subtitle, _CSS),
