@@ -777,3 +777,29 @@ def download(
             f"{repo}: none of {', '.join(files)} could be downloaded ({type(last).__name__})"
         )
     return got
+
+
+def download_input(item: Input, repo: str, files: tuple[str, ...]) -> list[Path]:
+    """Download one input `fetchable` returned and check the files against its registry entry
+    (CirError naming the file when one does not match)."""
+    any_of = item.entry is not None and item.entry.open_clip is not None
+    paths = download(repo, files, any_of=any_of)
+    if item.entry is not None and files and not any_of:
+        for path in paths:
+            wrong = verify_file(path, item.entry)
+            if wrong:
+                raise CirError(f"{path}: downloaded file does not match: {wrong}")
+    return paths
+
+
+def how_to_get(item: Input) -> str:
+    """One line on how to get a missing input the hub does not serve: the command that makes
+    it, a curl line for a direct URL, the page to save it from, or the key to set."""
+    entry = item.entry
+    if entry is not None and entry.make:
+        return f"make {item.value}: {entry.make}"
+    if entry is not None and entry.url:
+        if entry.url.startswith(("https://storage.googleapis.com", "https://openaipublic")):
+            return f"by hand: curl -L --create-dirs -o {item.value} {entry.url}"
+        return f"by hand: open {entry.url} and save the file as {item.value}"
+    return f"by hand: {item.key} = {item.value} ({item.detail})"

@@ -112,36 +112,18 @@ def weights_get(
     ] = True,
 ) -> None:
     """Fetch the recipe's hub-hosted files with huggingface_hub; print how to get the others."""
-    from cir_cli.weights import download, fetchable, problems, recipe_inputs, verify_file
+    from cir_cli.weights import download_input, fetchable, how_to_get, problems, recipe_inputs
 
     cfg, items = _inputs(recipe, overrides, checkpoint, directory)
     wanted = [i for i in items if i.required or published]
     for item, repo, files in fetchable(wanted):
-        any_of = item.entry is not None and item.entry.open_clip is not None
         typer.echo(f"fetching {repo} {' / '.join(files) or '(whole repository)'} ...")
-        paths = download(repo, files, any_of=any_of)
-        if item.entry is not None and files and not any_of:
-            for path in paths:
-                wrong = verify_file(path, item.entry)
-                if wrong:
-                    raise CirError(f"{path}: downloaded file does not match: {wrong}")
+        paths = download_input(item, repo, files)
         typer.echo(f"  -> {paths[0]}")
     items = recipe_inputs(cfg, checkpoint, str(directory) if directory else None)
     left = [i for i in problems(items, published) if i.status == "missing"]
     for item in left:
-        entry = item.entry
-        if entry is not None and entry.make:
-            typer.echo(f"make {item.value}: {entry.make}")
-        elif entry is not None and entry.url:
-            direct = entry.url.startswith(
-                ("https://storage.googleapis.com", "https://openaipublic")
-            )
-            if direct:
-                typer.echo(f"by hand: curl -L --create-dirs -o {item.value} {entry.url}")
-            else:
-                typer.echo(f"by hand: open {entry.url} and save the file as {item.value}")
-        else:
-            typer.echo(f"by hand: {item.key} = {item.value} ({item.detail})")
+        typer.echo(how_to_get(item))
     if left:
         raise CirError(f"{recipe}: {len(left)} input(s) still missing (how to get them: above)")
     typer.echo(f"{recipe}: every {'' if published else 'required '}input is present")
