@@ -18,8 +18,14 @@ from typing import Annotated
 import typer
 
 from cir_cli import __version__
-from cir_cli.cli import demo, prepare, recipes, runs, search, weights, workflows
 from cir_cli.cli.common import _state
+from cir_cli.cli.demo import app as demo_app
+from cir_cli.cli.prepare import app as prepare_app
+from cir_cli.cli.recipes import app as recipes_app
+from cir_cli.cli.runs import app as runs_app
+from cir_cli.cli.search import app as search_app
+from cir_cli.cli.weights import app as weights_app
+from cir_cli.cli.workflows import app as workflows_app
 from cir_cli.progress import set_enabled
 
 __all__ = ["app", "main"]
@@ -31,10 +37,10 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 # Unnamed groups add their commands at the top level, in this order (the order of `cir --help`).
-for _group in (prepare, workflows, demo, search, runs):
-    app.add_typer(_group.app)
-app.add_typer(recipes.app, name="recipes")
-app.add_typer(weights.app, name="weights")
+for group in (prepare_app, workflows_app, demo_app, search_app, runs_app):
+    app.add_typer(group)
+app.add_typer(recipes_app, name="recipes")
+app.add_typer(weights_app, name="weights")
 
 
 def _quiet_third_party_logs() -> None:
