@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from cir_cli.cli import app
 from cir_cli.recipes import builtin_names
-from cir_cli.weights import WEIGHTS, parse_hf_ref
+from cir_cli.weights import WEIGHTS, Input, WeightFile, how_to_get, parse_hf_ref
 from tests.conftest import REPO, SHARED_DATA
 
 runner = CliRunner()
@@ -260,3 +260,19 @@ def test_a_downloaded_openai_file_is_checked_against_the_url_hash(isolated: Path
     assert result.exit_code == 2
     assert "[MISMATCH] backbone.pretrained" in result.output
     assert "SHA256" in result.output and "published 7e526bd135e4" in result.output
+
+
+def test_how_to_get_a_missing_input_names_the_command_curl_page_or_key() -> None:
+    """`cir weights get`'s line for an input the hub does not serve, each of its four forms."""
+
+    def row(**kw) -> WeightFile:
+        return WeightFile(id="x", what="x", use="backbone.pretrained", **kw)
+
+    made = Input("data.x", "data/x.pt", row(make="cir prepare toy-lincir"))
+    assert how_to_get(made) == "make data/x.pt: cir prepare toy-lincir"
+    direct = Input("backbone.pretrained", "m/a.pt", row(url="https://openaipublic.x/a.pt"))
+    assert how_to_get(direct) == "by hand: curl -L --create-dirs -o m/a.pt https://openaipublic.x/a.pt"
+    page = Input("backbone.pretrained", "m/b.pt", row(url="https://drive.example/b"))
+    assert how_to_get(page) == "by hand: open https://drive.example/b and save the file as m/b.pt"
+    bare = Input("--checkpoint", "runs/c", None, detail="not found")
+    assert how_to_get(bare) == "by hand: --checkpoint = runs/c (not found)"
