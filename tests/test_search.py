@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -367,3 +369,23 @@ def test_target_rank_beyond_k(recipe, model, val_index: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert f"target {q.target.name}: rank {rank} of 648 (outside the top 5)" in result.output
+
+
+def test_index_dry_run_imports_no_model_library(toy_root: Path, tmp_path: Path) -> None:
+    """`cir index --dry-run` reads the search package (image suffixes): importing it pulls in
+    neither torch nor a model library, which is why search/ imports them inside functions."""
+    code = (
+        "import sys\n"
+        "from cir_cli.cli import main\n"
+        f"sys.argv = ['cir', 'index', '{toy_root / 'dev'}', '--recipe', 'toy_clip4cir', "
+        f"'--out', '{tmp_path / 'x.cirindex'}', '--dry-run', '--set', "
+        f"'data.root=\"{toy_root}\"']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    print('EXIT', e.code)\n"
+        "print(sorted(m for m in ('torch', 'open_clip', 'transformers', 'PIL') "
+        "if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert "image file(s)" in proc.stdout and "EXIT 0" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

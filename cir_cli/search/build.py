@@ -67,6 +67,7 @@ def scan_folder(folder: str | os.PathLike[str]) -> list[FileEntry]:
     entries.sort(key=lambda e: e.path)
     return entries
 
+
 @dataclass
 class IndexSummary:
     """What `build_index` / `update_index` did."""
@@ -91,6 +92,7 @@ class IndexSummary:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
 
 def build_index(
     folder: str | os.PathLike[str],
@@ -253,6 +255,7 @@ def _finish_build(
         encoded=[entries[i].path for i in ok],
         skipped=[(entries[i].path, failed[i]) for i in sorted(failed)],
     )
+
 
 def update_index(
     folder: str | os.PathLike[str],

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cir_cli import __version__, api
+from cir_cli import __version__
 from cir_cli.checkpoints import sha1_file
 from cir_cli.engine.checkpointing import resolve_weights_file
 from cir_cli.errors import CirError
@@ -92,6 +92,7 @@ def resolve_recipe_paths(recipe: Recipe) -> Recipe:
     copy.finetune.checkpoint = str(Path(ckpt).expanduser().resolve())
     return copy
 
+
 def provenance_record(model: CIRMethod, recipe: Recipe, checkpoint: str | None) -> dict[str, Any]:
     base = recipe.finetune.checkpoint
     return {
@@ -108,7 +109,12 @@ def provenance_record(model: CIRMethod, recipe: Recipe, checkpoint: str | None) 
 
 
 def load_recipe_model(recipe: Recipe, checkpoint: str | None, device: str | None) -> CIRMethod:
+    # Imported here: the model-loading code may import torch at module level, and this package
+    # must import without torch (`cir index --dry-run` reads search.storage).
+    from cir_cli import api
+
     return api.load_model(recipe, checkpoint=checkpoint, device=device or recipe.device)
+
 
 def check_compatible(
     index: Index,

@@ -167,6 +167,7 @@ def encode_queries(
     model.train(was_training)
     return torch.cat(out)
 
+
 def search(
     index: Index,
     model: CIRMethod,
@@ -253,6 +254,7 @@ def recall_at(results: Sequence[QueryResult], ks: Sequence[int]) -> dict[int, fl
         / len(labelled)
         for k in ks
     }
+
 
 def write_results(results: Sequence[QueryResult], path: str | os.PathLike[str]) -> Path:
     """One row per query: .jsonl (objects as in --json) or .csv (image, text, [target,

@@ -57,6 +57,7 @@ class FileEntry:
     def stat_key(self) -> tuple[int, int]:
         return (self.size, self.mtime_ns)
 
+
 @dataclass
 class Index:
     """A loaded index: its manifest, files and memory-mapped features (row i = files[i])."""
