@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cir_cli.data import CIRSplit, get_dataset
 from cir_cli.errors import CirError
+from cir_cli.io import write_json_atomic
 
 if TYPE_CHECKING:
     import torch
-
-    from cir_cli.data.base import CIRSplit
 
 FORMAT = "cir-candidates"
 VERSION = 1
@@ -78,8 +78,6 @@ def from_rankings(
 
 
 def write_candidates(path: Path, cands: CandidateList, split: CIRSplit) -> Path:
-    from cir_cli.io import write_json_atomic
-
     obj = {
         "format": FORMAT,
         "version": VERSION,
@@ -107,8 +105,9 @@ def _find_in_folder(folder: Path, split: CIRSplit) -> Path:
     if ours.is_file():
         return ours
     # The reference's names: cirr_top_200_val.pt, fiq_top_200_val_dress.pt.
-    prefix = "cirr" if split.dataset == "cirr" else "fiq"
-    tail = f"_{split.split}" + (f"_{split.subset}" if split.dataset == "fashioniq" else "")
+    spec = get_dataset(split.dataset)
+    prefix = spec.candidate_prefix or split.dataset
+    tail = f"_{split.split}" + (f"_{split.subset}" if spec.categories else "")
     pattern = re.compile(rf"{prefix}_top_\d+{re.escape(tail)}\.pt")
     found = sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name))
     if not found:
@@ -229,7 +228,7 @@ def read_reference_topk(path: Path, split: CIRSplit) -> CandidateList:
     if file_split is not None and str(file_split) != split.split:
         raise CirError(f"{path}: top-K of split {file_split!r}, recipe evaluates {split.label}")
     dress = obj.get("dress_types")
-    if split.dataset == "fashioniq" and dress is not None:
+    if get_dataset(split.dataset).categories and dress is not None:
         dress_list = [dress] if isinstance(dress, str) else list(dress)
         if dress_list != [split.subset]:
             raise CirError(f"{path}: top-K of {dress_list}, recipe evaluates {split.label}")

@@ -23,8 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cir_cli.data.base import CIRSplit, Triplet, require_keys
+from cir_cli.data.base import CIRSplit, DatasetSpec, Results, Triplet, require_keys
 from cir_cli.data.check import expect_str, read_annotation_json, require_root
+from cir_cli.data.fashioniq import summarize as recall_summary
 from cir_cli.errors import CirError
 
 NAME = "genecis"
@@ -214,3 +215,34 @@ def load(root: Path, split: str, categories: Sequence[str] | None = None) -> lis
         raise CirError(f"unknown GeneCIS split '{split}'; expected one of {', '.join(SPLITS)}")
     crops_dir = Path(os.environ.get("CIR_GENECIS_CROPS", root / "cir_crops"))
     return [_load_category(root, split, c, crops_dir) for c in check_categories(categories)]
+
+
+def files(
+    root: Path, split: str, categories: Sequence[str] | None
+) -> list[tuple[str, tuple[Path, Path]]]:
+    return [(c, (template_file(Path(root), c),) * 2) for c in check_categories(categories)]
+
+
+def summarize(results: Results) -> dict[str, float]:
+    """Recall@{1,2,3} within each query's candidates per split, average_recall_at1."""
+    if not results[0].subset_recall:
+        # No candidate-set recalls: the plain recall summary, as before datasets owned this.
+        return recall_summary(results)
+    from cir_cli import metrics  # torch: not at import (the CLI imports this module for --help)
+
+    per_split = {r.split.subset or r.split.split: r.subset_recall for r in results}
+    return metrics.genecis_summary(per_split)
+
+
+SPEC = DatasetSpec(
+    name=NAME,
+    title="GeneCIS",
+    splits=SPLITS,
+    categories=CATEGORIES,
+    layout=LAYOUT,
+    load=load,
+    files=files,
+    selection_metric="average_recall_at1",  # spec lincir_searle_circo.md 3.4
+    recall_ks=(),  # only each query's own candidates are ranked
+    summarize=summarize,
+)
