@@ -18,17 +18,15 @@ the split, and the row count always.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cir_cli.data import CIRSplit, get_dataset
 from cir_cli.errors import CirError
 from cir_cli.io import write_json_atomic
-
-if TYPE_CHECKING:
-    import torch
 
 FORMAT = "cir-candidates"
 VERSION = 1
@@ -184,8 +182,6 @@ def _numpy_safe_globals() -> list:
 
 def load_reference_file(path: Path) -> dict[str, Any]:
     """torch.load(weights_only=True) with only numpy's string-array globals allowed."""
-    import pickle
-
     import torch
 
     try:
@@ -277,21 +273,3 @@ def _check_against(cands: CandidateList, split: CIRSplit, path: Path) -> None:
         if cands.scores is not None:
             cands.scores = [cands.scores[i] for i in order]
         cands.query_ids = want
-
-
-def candidate_tensors(
-    cands: CandidateList, split: CIRSplit, k: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(Q, k) gallery indices of the first k candidates and their (Q, k) scores (or None)."""
-    import torch
-
-    if cands.k < k:
-        raise CirError(
-            f"{split.label}: the candidate list holds {cands.k} per query; rerank.k = {k}"
-        )
-    gidx = split.gallery_index
-    idx = torch.tensor([[gidx[n] for n in row[:k]] for row in cands.names], dtype=torch.long)
-    scores = None
-    if cands.scores is not None:
-        scores = torch.tensor([row[:k] for row in cands.scores], dtype=torch.float32)
-    return idx, scores

@@ -226,8 +226,3 @@ class DatasetSpec:
     # `cir validate --save-rankings` also writes the official evaluator's input into the run
     # folder: (run folder, split, top names per query) -> the file.
     save_rankings: Callable[[Path, CIRSplit, Sequence[list[str]]], Path] | None = None
-
-
-def per_category_recall(results: Results) -> dict[str, dict[int, float]]:
-    """{category (or split name): {k: Recall@k}} of an evaluation's results."""
-    return {r.split.subset or r.split.split: r.recall for r in results}

@@ -29,7 +29,6 @@ from cir_cli.submission import CIRCO_K, write_circo_submission
 NAME = "circo"
 SPLITS = ("val", "test")
 _LABELLED = ("val",)
-FULL_GALLERY_SIZE = 123_403
 IMAGE_DIR = Path("COCO2017_unlabeled") / "unlabeled2017"
 IMAGE_INFO = Path("COCO2017_unlabeled") / "annotations" / "image_info_unlabeled2017.json"
 _FILE = re.compile(r"^0*(\d+)\.(jpg|jpeg|png)$", re.IGNORECASE)

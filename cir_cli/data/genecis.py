@@ -27,6 +27,8 @@ from cir_cli.data.base import CIRSplit, DatasetSpec, Results, Triplet, require_k
 from cir_cli.data.check import expect_str, read_annotation_json, require_root
 from cir_cli.data.fashioniq import summarize as recall_summary
 from cir_cli.errors import CirError
+from cir_cli.io import atomic_path
+from cir_cli.progress import progress_bar
 
 NAME = "genecis"
 SPLITS = ("val", "test")
@@ -74,6 +76,7 @@ def crop_box(box: Sequence[float], width: int, height: int) -> tuple[float, floa
 
 def make_crop(source: Path, box: Sequence[float]):
     """The padded square crop (PIL image) of `box` in `source`."""
+    # Deferred: Pillow and torch (data.images) stay out of `import cir_cli.data` (the CLI's).
     from PIL import Image
 
     from cir_cli.data.images import open_rgb
@@ -125,9 +128,6 @@ class GenecisSplit(CIRSplit):
         todo = [n for n in self.crops if not self.image_paths[n].is_file()]
         if not todo:
             return
-        from cir_cli.io import atomic_path
-        from cir_cli.progress import progress_bar
-
         def one(name: str) -> None:
             source, box = self.crops[name]
             target = self.image_paths[name]
