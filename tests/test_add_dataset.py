@@ -77,15 +77,15 @@ def test_a_dataset_is_added_from_one_file(tiny_dataset, tiny_root: Path) -> None
         fixture_file
     }
     package = Path(__file__).parents[1] / "cir_cli"
-    assert not any('"tiny"' in p.read_text(encoding="utf-8") for p in package.rglob("*.py"))
+    assert not any('"tiny_json"' in p.read_text(encoding="utf-8") for p in package.rglob("*.py"))
 
-    [split] = load_split("tiny", tiny_root, "val")
+    [split] = load_split("tiny_json", tiny_root, "val")
     assert [t.query_id for t in split.triplets] == ["q1", "q2", "q3"]
     assert train_caption_policy(split, None) == "verbatim"  # the DatasetSpec default
 
     # A recipe names it (validated against the registry) and evaluation follows its protocol.
     recipe = Recipe.model_validate(
-        {"data": {"dataset": "tiny", "root": str(tiny_root), "transform": "squarepad"}}
+        {"data": {"dataset": "tiny_json", "root": str(tiny_root), "transform": "squarepad"}}
     )
     assert selection_metric(recipe) == "tiny_score"
     splits = api.load_eval_splits(recipe, "val")
@@ -99,11 +99,11 @@ def test_a_dataset_is_added_from_one_file(tiny_dataset, tiny_root: Path) -> None
 
 
 def test_an_unregistered_dataset_is_one_clear_error(tiny_root: Path) -> None:
-    assert "tiny" not in DATASETS  # the fixture above unregistered it
-    with pytest.raises(CirError, match="data.dataset = 'tiny' is not allowed; expected one of"):
-        load_recipe("toy_clip4cir", ['data.dataset="tiny"'])
-    with pytest.raises(CirError, match="unknown dataset 'tiny'"):
-        load_split("tiny", tiny_root, "val")
+    assert "tiny_json" not in DATASETS  # the fixture above unregistered it
+    with pytest.raises(CirError, match="dataset = 'tiny_json' is not allowed; expected one of"):
+        load_recipe("toy_clip4cir", ['data.dataset="tiny_json"'])
+    with pytest.raises(CirError, match="unknown dataset 'tiny_json'"):
+        load_split("tiny_json", tiny_root, "val")
 
 
 def test_builtin_protocols_match_the_metrics_module() -> None:

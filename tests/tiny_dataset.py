@@ -3,7 +3,7 @@
 Layout: `ROOT/tiny.json` = {"images": {name: relpath}, "val": [{"id", "reference", "caption",
 "target"}]}. The file parses that layout into a `CIRSplit` and declares the dataset's
 `DatasetSpec` (its loader and protocol: selection metric, recall ks, summary); the fixture
-registers it. Nothing in `cir_cli/` names it: recipes (`data.dataset = "tiny"`), `load_split`,
+registers it. Nothing in `cir_cli/` names it: recipes (`data.dataset = "tiny_json"`), `load_split`,
 `api.load_eval_splits` and evaluation find it through the registry.
 """
 
@@ -19,14 +19,14 @@ import pytest
 from cir_cli.data import DATASETS, CIRSplit, DatasetSpec, Triplet, register_dataset
 from cir_cli.errors import CirError
 
-NAME = "tiny"
+NAME = "tiny_json"
 SPLITS = ("val",)
 LAYOUT = "ROOT/tiny.json with images and val queries"
 
 
 def load(root: Path, split: str, categories: Sequence[str] | None = None) -> list[CIRSplit]:
     if split not in SPLITS:
-        raise CirError(f"unknown tiny split '{split}'; expected one of {', '.join(SPLITS)}")
+        raise CirError(f"unknown tiny_json split '{split}'; expected one of {', '.join(SPLITS)}")
     ann = json.loads((Path(root) / "tiny.json").read_text(encoding="utf-8"))
     images = {name: Path(root) / rel for name, rel in ann["images"].items()}
     triplets = [
