@@ -104,11 +104,11 @@ def load_model(
 
 
 def load_eval_splits(recipe: Recipe, split: str | None = None) -> list[CIRSplit]:
-    from cir_cli.data import load_split
+    from cir_cli.data import load_split, recipe_categories
 
     data = recipe.data
     root = Path(data.root).expanduser()
-    categories = data.categories if data.dataset == "fashioniq" else None
+    categories = recipe_categories(data.dataset, data.categories)
     return load_split(data.dataset, root, split or recipe.eval.split, categories)
 
 

@@ -18,17 +18,15 @@ the split, and the row count always.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from cir_cli.data import CIRSplit, get_dataset
 from cir_cli.errors import CirError
-
-if TYPE_CHECKING:
-    import torch
-
-    from cir_cli.data.base import CIRSplit
+from cir_cli.io import write_json_atomic
 
 FORMAT = "cir-candidates"
 VERSION = 1
@@ -78,8 +76,6 @@ def from_rankings(
 
 
 def write_candidates(path: Path, cands: CandidateList, split: CIRSplit) -> Path:
-    from cir_cli.io import write_json_atomic
-
     obj = {
         "format": FORMAT,
         "version": VERSION,
@@ -107,8 +103,9 @@ def _find_in_folder(folder: Path, split: CIRSplit) -> Path:
     if ours.is_file():
         return ours
     # The reference's names: cirr_top_200_val.pt, fiq_top_200_val_dress.pt.
-    prefix = "cirr" if split.dataset == "cirr" else "fiq"
-    tail = f"_{split.split}" + (f"_{split.subset}" if split.dataset == "fashioniq" else "")
+    spec = get_dataset(split.dataset)
+    prefix = spec.candidate_prefix or split.dataset
+    tail = f"_{split.split}" + (f"_{split.subset}" if spec.categories else "")
     pattern = re.compile(rf"{prefix}_top_\d+{re.escape(tail)}\.pt")
     found = sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name))
     if not found:
@@ -185,8 +182,6 @@ def _numpy_safe_globals() -> list:
 
 def load_reference_file(path: Path) -> dict[str, Any]:
     """torch.load(weights_only=True) with only numpy's string-array globals allowed."""
-    import pickle
-
     import torch
 
     try:
@@ -229,7 +224,7 @@ def read_reference_topk(path: Path, split: CIRSplit) -> CandidateList:
     if file_split is not None and str(file_split) != split.split:
         raise CirError(f"{path}: top-K of split {file_split!r}, recipe evaluates {split.label}")
     dress = obj.get("dress_types")
-    if split.dataset == "fashioniq" and dress is not None:
+    if get_dataset(split.dataset).categories and dress is not None:
         dress_list = [dress] if isinstance(dress, str) else list(dress)
         if dress_list != [split.subset]:
             raise CirError(f"{path}: top-K of {dress_list}, recipe evaluates {split.label}")
@@ -278,21 +273,3 @@ def _check_against(cands: CandidateList, split: CIRSplit, path: Path) -> None:
         if cands.scores is not None:
             cands.scores = [cands.scores[i] for i in order]
         cands.query_ids = want
-
-
-def candidate_tensors(
-    cands: CandidateList, split: CIRSplit, k: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(Q, k) gallery indices of the first k candidates and their (Q, k) scores (or None)."""
-    import torch
-
-    if cands.k < k:
-        raise CirError(
-            f"{split.label}: the candidate list holds {cands.k} per query; rerank.k = {k}"
-        )
-    gidx = split.gallery_index
-    idx = torch.tensor([[gidx[n] for n in row[:k]] for row in cands.names], dtype=torch.long)
-    scores = None
-    if cands.scores is not None:
-        scores = torch.tensor([row[:k] for row in cands.scores], dtype=torch.float32)
-    return idx, scores

@@ -16,22 +16,17 @@ import torch
 
 from cir_cli import metrics, ranking
 from cir_cli.cache import FeatureCache
+from cir_cli.data import get_dataset
 from cir_cli.data.base import CIRSplit
 from cir_cli.methods.base import CIRMethod
 from cir_cli.progress import progress_bar
 
-# The metric each dataset's model selection uses (spec 5): FashionIQ (avg R@10 + avg R@50)/2,
-# CIRR (R@5 + R_subset@1)/2.
-SELECTION_METRIC = {"fashioniq": "average_recall", "cirr": "mean_r5_rs1"}
-# Multi-ground-truth and per-query-candidate benchmarks (spec lincir_searle_circo.md 3.3, 3.4).
-SELECTION_METRIC.update({"circo": "map_at10", "genecis": "average_recall_at1"})
-# Recall@k of the single target over the whole gallery; GeneCIS only ranks within candidates.
+
 def selection_metric(recipe) -> str:
     """The metric that picks the `best` checkpoint: eval.selection_metric or the dataset's."""
-    return recipe.eval.selection_metric or SELECTION_METRIC.get(recipe.data.dataset, "")
+    return recipe.eval.selection_metric or get_dataset(recipe.data.dataset).selection_metric
 
 
-RECALL_KS = {"cirr": metrics.CIRR_KS, "circo": metrics.CIRCO_KS, "genecis": ()}
 RANKING_DEPTH = 50  # what the CIRR/CIRCO servers take
 
 
@@ -181,7 +176,7 @@ def evaluate_split(
         exclude = torch.tensor([gidx.get(t.reference, -1) for t in split.triplets])
     result = SplitResult(split)
     has_targets = all(t.target is not None for t in split.triplets)
-    ks = RECALL_KS.get(split.dataset, metrics.FASHIONIQ_KS)
+    ks = get_dataset(split.dataset).recall_ks
     targets = None
     if has_targets:
         missing = [t.target for t in split.triplets if t.target not in gidx]
@@ -258,19 +253,7 @@ def summarize(results: list[SplitResult]) -> dict[str, float]:
     """The dataset's reported aggregates (spec 5) from per-split recalls."""
     if not results:
         return {}
-    dataset = results[0].split.dataset
-    if dataset == "circo" and results[0].map_at:
-        return metrics.circo_summary(results[0].map_at, results[0].recall, results[0].tag_map)
-    if dataset == "genecis" and results[0].subset_recall:
-        return metrics.genecis_summary(
-            {r.split.subset or r.split.split: r.subset_recall for r in results}
-        )
-    if not results[0].recall:
-        return {}
-    if dataset == "cirr":
-        return metrics.cirr_summary(results[0].recall, results[0].subset_recall)
-    per_category = {r.split.subset or r.split.split: r.recall for r in results}
-    return metrics.fashioniq_summary(per_category)
+    return get_dataset(results[0].split.dataset).summarize(results)
 
 
 def evaluate(

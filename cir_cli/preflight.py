@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cir_cli.data import DATASETS, recipe_categories, submission_names
 from cir_cli.errors import CirError
 
 # Bytes one image costs in the feature cache, per backbone architecture (what the methods
@@ -61,7 +62,10 @@ def _splits_needed(recipe: Any, command: str, split: str | None, benchmark: str 
     if command == "validate":
         return [split or recipe.eval.split]
     if command == "submit":
-        return ["test" if benchmark == "circo" else recipe.data.test_split]
+        spec = DATASETS.get(benchmark or "")
+        if spec is not None and spec.submission is not None:
+            return [spec.submission.split_for(recipe.data.test_split)]
+        return [recipe.data.test_split]
     return []
 
 
@@ -118,8 +122,9 @@ def run_preflight(
             report.bad(f"--resume {resume}: not a run folder (no manifest.json)")
 
     if command == "submit" and benchmark is not None:
-        if benchmark not in ("cirr", "circo"):
-            report.bad(f"benchmark {benchmark!r}: expected cirr or circo")
+        spec = DATASETS.get(benchmark)
+        if spec is None or spec.submission is None:
+            report.bad(f"benchmark {benchmark!r}: expected {submission_names()}")
         elif recipe.data.dataset != benchmark:
             report.bad(
                 f'`cir submit {benchmark}` needs data.dataset = "{benchmark}"; {recipe.name} '
@@ -229,7 +234,7 @@ def _check_data(report: Preflight, recipe: Any, splits: list[str]) -> int:
 
     data = recipe.data
     root = Path(data.root).expanduser()
-    categories = data.categories if data.dataset == "fashioniq" else None
+    categories = recipe_categories(data.dataset, data.categories)
     try:
         dataset_report = check_dataset(
             data.dataset,

@@ -15,8 +15,10 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
+from cir_cli.data import DATASETS
 from cir_cli.errors import CirError
 
 # --------------------------------------------------------------------------------------------
@@ -207,7 +209,8 @@ class BackboneConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal["cirr", "fashioniq", "circo", "genecis"] = "cirr"
+    # A registered dataset (cir_cli.data.DATASETS, so one added by register_dataset counts).
+    dataset: str = "cirr"
     root: str = "data/cirr_dataset"
     # FashionIQ's "dress types"; ignored for CIRR. The toy FashionIQ layout uses shape names.
     categories: list[str] = Field(default_factory=lambda: ["dress", "shirt", "toptee"])
@@ -232,6 +235,18 @@ class DataConfig(_Section):
     # deterministic (no augmentation), so this changes nothing but speed; it costs
     # 3 x S x S x 4 bytes per image on disk (64 px: 48 KB; 288 px: 1 MB).
     cache_pixels: bool = False
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _registered(cls, name: Any) -> str:
+        if not isinstance(name, str) or name not in DATASETS:
+            known = [repr(n) for n in DATASETS]
+            # Reported like a Literal mismatch: "data.dataset = 'x' is not allowed; expected ..."
+            expected = " or ".join([", ".join(known[:-1]), known[-1]] if len(known) > 1 else known)
+            raise PydanticCustomError(
+                "literal_error", "Input should be {expected}", {"expected": expected}
+            )
+        return name
 
 
 class FinetuneConfig(_Section):

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cir_cli.data import DATASETS
 from cir_cli.engine.run_log import flatten
 from cir_cli.errors import CirError
 
@@ -113,10 +114,9 @@ def run_info(run_dir: Path) -> RunInfo | None:
         "selection_metric"
     )
     if metric is None and training and history:
-        # A run from before progress.json: the dataset's default (imports torch, rarely).
-        from cir_cli.evaluation import SELECTION_METRIC
-
-        metric = SELECTION_METRIC.get((recipe.get("data") or {}).get("dataset"))
+        # A run from before progress.json: the dataset's default.
+        spec = DATASETS.get((recipe.get("data") or {}).get("dataset"))
+        metric = spec.selection_metric if spec else None
     best = best_epoch = None
     if metric and history:
         rows = [r for r in history if isinstance(r.get(metric), float)]

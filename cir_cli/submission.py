@@ -8,6 +8,9 @@ CIRR (Test-split_server.md, spec section 6):
   recall:        {"version": "rc2", "metric": "recall", "<pairid>": [50 names], ...}
   recall_subset: {"version": "rc2", "metric": "recall_subset", "<pairid>": [3 names], ...}
 CIRCO: {"<query id>": [50 unique image ids], ...}
+
+The writers take plain values (a split is read only through `QuerySet`); which dataset writes
+which files is the dataset's protocol (`DatasetSpec.submission` in cir_cli/data/).
 """
 
 from __future__ import annotations
@@ -16,9 +19,8 @@ import json
 import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from cir_cli.data.base import CIRSplit, Triplet
 from cir_cli.errors import CirError
 from cir_cli.io import atomic_path
 
@@ -31,6 +33,28 @@ MAX_SUBMISSION_BYTES = 5_000_000
 _META_KEYS = ("version", "metric")
 # How many offending keys a message lists: enough to spot a pattern, short enough for one line.
 _SHOW = 5
+
+
+class Query(Protocol):
+    """One test query as the CIRR files need it (a `cir_cli.data.Triplet`)."""
+
+    @property
+    def query_id(self) -> str: ...
+    @property
+    def reference(self) -> str: ...
+    @property
+    def group(self) -> tuple[str, ...]: ...
+
+
+class QuerySet(Protocol):
+    """The test split as the CIRR files need it (a `cir_cli.data.CIRSplit`)."""
+
+    @property
+    def label(self) -> str: ...
+    @property
+    def triplets(self) -> Sequence[Query]: ...
+    @property
+    def gallery_index(self) -> Mapping[str, int]: ...
 
 
 def _sample(items: Iterable[Any]) -> str:
@@ -89,8 +113,8 @@ def _check_list(value: Any, k: int, what: str, key: str) -> list[Any]:
 # ----------------------------------------------------------------------------------------- CIRR
 
 
-def _cirr_queries(split: CIRSplit) -> dict[str, Triplet]:
-    queries: dict[str, Triplet] = {}
+def _cirr_queries(split: QuerySet) -> dict[str, Query]:
+    queries: dict[str, Query] = {}
     for t in split.triplets:
         if t.query_id in queries:
             raise CirError(f"{split.label}: query id {t.query_id!r} occurs twice in the split")
@@ -98,7 +122,7 @@ def _cirr_queries(split: CIRSplit) -> dict[str, Triplet]:
     return queries
 
 
-def _subset_candidates(t: Triplet, label: str) -> tuple[str, ...]:
+def _subset_candidates(t: Query, label: str) -> tuple[str, ...]:
     if not t.group:
         raise CirError(
             f"{label}: query {t.query_id!r} has no image group; the recall_subset file needs "
@@ -108,7 +132,7 @@ def _subset_candidates(t: Triplet, label: str) -> tuple[str, ...]:
 
 
 def build_cirr_submission(
-    split: CIRSplit,
+    split: QuerySet,
     top50: dict[str, list[str]],
     top3: dict[str, list[str]],
     version: str = CIRR_VERSION,
@@ -141,7 +165,7 @@ def _check_meta(sub: Mapping[str, Any], metric: str, version: str, what: str) ->
 
 
 def _validate_cirr(
-    split: CIRSplit, recall: Mapping[str, Any], recall_subset: Mapping[str, Any], version: str
+    split: QuerySet, recall: Mapping[str, Any], recall_subset: Mapping[str, Any], version: str
 ) -> tuple[str, str]:
     """Validate both dicts and return their serialised texts (so the writer dumps only once)."""
     queries = _cirr_queries(split)
@@ -178,7 +202,7 @@ def _validate_cirr(
 
 
 def validate_cirr_submission(
-    split: CIRSplit,
+    split: QuerySet,
     recall: dict,
     recall_subset: dict,
     *,
@@ -210,7 +234,7 @@ def write_cirr_submission(
     name: str,
     recall: dict,
     recall_subset: dict,
-    split: CIRSplit,
+    split: QuerySet,
     *,
     version: str = CIRR_VERSION,
 ) -> tuple[Path, Path]:

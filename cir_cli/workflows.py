@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cir_cli.data import get_dataset, submission_benchmark
 from cir_cli.errors import CirError
 from cir_cli.io import refuse_blocked_folder, write_json_atomic
 from cir_cli.recipes import Recipe
@@ -128,16 +129,11 @@ def run_validation(
             write_candidate_lists(run_dir, evaluation, save_candidates)
         if save_rankings:
             write_json_atomic(run_dir / "rankings.json", evaluation.rankings(), indent=None)
-            if recipe.data.dataset == "circo":
-                # The official CIRCO evaluator's input: {"<query id>": [50 unique int ids]}.
-                from cir_cli.submission import write_circo_submission
-
+            save_in_server_format = get_dataset(recipe.data.dataset).save_rankings
+            if save_in_server_format is not None:
+                # The official evaluator's input (CIRCO: {"<query id>": [50 unique int ids]}).
                 result = evaluation.splits[0]
-                write_circo_submission(
-                    run_dir / "circo_rankings.json",
-                    evaluation.rankings(),
-                    [t.query_id for t in result.split.triplets],
-                )
+                save_in_server_format(run_dir, result.split, result.top)
     except BaseException:
         # A refused write (disk full, ...): no run folder with half its files.
         import shutil
@@ -199,68 +195,38 @@ def run_submission(
     name: str | None = None,
     save_candidates: int | None = None,
 ) -> list[Path]:
+    """`cir submit <benchmark>`: the test server's files (the dataset's writer), validated,
+    written atomically into a new run folder."""
     from cir_cli import api
     from cir_cli.runs import new_run_dir, write_manifest
 
-    if benchmark == "circo":
-        return [_circo_submission(recipe, checkpoint, name)]
-    if benchmark != "cirr":
-        raise CirError(f"unknown benchmark {benchmark!r} for `cir submit`; expected cirr or circo")
-    if recipe.data.dataset != "cirr":
+    spec = submission_benchmark(benchmark)
+    submission = spec.submission
+    assert submission is not None  # submission_benchmark checked it
+    if recipe.data.dataset != spec.name:
         raise CirError(
-            f"`cir submit cirr` needs a CIRR recipe; {recipe.name} uses data.dataset = "
-            f"{recipe.data.dataset!r}"
+            f"`cir submit {spec.name}` needs a {spec.title} recipe; {recipe.name} uses "
+            f'data.dataset = {recipe.data.dataset!r} (set data.dataset="{spec.name}" and '
+            "data.root)"
         )
-    from cir_cli.submission import build_cirr_submission, write_cirr_submission
-
     _check_candidates_k(save_candidates)
     model = api.load_model(recipe, checkpoint=checkpoint, device=recipe.device)
-    split_name = recipe.data.test_split
+    split_name = submission.split_for(recipe.data.test_split)
     evaluation = api.validate(model, recipe, split=split_name, depth=save_candidates)
     result = evaluation.splits[0]
-    top50 = {t.query_id: names for t, names in zip(result.split.triplets, result.top, strict=True)}
-    top3 = {
-        t.query_id: names for t, names in zip(result.split.triplets, result.subset_top, strict=True)
-    }
-    recall, recall_subset = build_cirr_submission(result.split, top50, top3)
-    run_dir = new_run_dir(recipe.output.dir, recipe.name, "submit-cirr")
+    run_dir = new_run_dir(recipe.output.dir, recipe.name, f"submit-{spec.name}")
     write_manifest(
         run_dir,
         recipe,
-        "submit cirr",
+        f"submit {spec.name}",
         {"checkpoint": model.loaded_from, "split": split_name, "model": model.describe()},
     )
-    paths = write_cirr_submission(run_dir, name or recipe.name, recall, recall_subset, result.split)
+    paths = submission.write(
+        run_dir, name or recipe.name, result.split, result.top, result.subset_top
+    )
     if save_candidates:
-        return list(paths) + write_candidate_lists(run_dir, evaluation, save_candidates)
-    return list(paths)
-
-
-def _circo_submission(recipe: Recipe, checkpoint: str | None, name: str | None) -> Path:
-    """`cir submit circo`: top-50 of every test query, validated, written atomically."""
-    from cir_cli import api
-    from cir_cli.runs import new_run_dir, write_manifest
-    from cir_cli.submission import write_circo_submission
-
-    if recipe.data.dataset != "circo":
-        raise CirError(
-            f"`cir submit circo` needs a CIRCO recipe; {recipe.name} uses data.dataset = "
-            f'{recipe.data.dataset!r} (set data.dataset="circo" and data.root)'
-        )
-    model = api.load_model(recipe, checkpoint=checkpoint, device=recipe.device)
-    split_name = "test"
-    evaluation = api.validate(model, recipe, split=split_name)
-    result = evaluation.splits[0]
-    run_dir = new_run_dir(recipe.output.dir, recipe.name, "submit-circo")
-    write_manifest(
-        run_dir,
-        recipe,
-        "submit circo",
-        {"checkpoint": model.loaded_from, "split": split_name, "model": model.describe()},
-    )
-    query_ids = [t.query_id for t in result.split.triplets]
-    path = run_dir / f"circo_submission_{name or recipe.name}.json"
-    return write_circo_submission(path, evaluation.rankings(), query_ids)
+        return paths + write_candidate_lists(run_dir, evaluation, save_candidates)
+    return paths
 
 
 @dataclass

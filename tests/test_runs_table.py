@@ -214,7 +214,8 @@ def test_hints_name_real_options(tmp_path: Path) -> None:
 
 
 def test_submit_names_the_servers() -> None:
-    from cir_cli.cli.workflows import SUBMISSION_SERVERS
+    # The servers are the datasets' protocol now (DatasetSpec.submission), not a CLI table.
+    from cir_cli.data import get_dataset
 
-    assert SUBMISSION_SERVERS["cirr"][0] == "https://cirr.cecs.anu.edu.au/test_process/"
-    assert SUBMISSION_SERVERS["circo"][0] == "https://circo.micc.unifi.it/evaluation"
+    assert get_dataset("cirr").submission.server == "https://cirr.cecs.anu.edu.au/test_process/"
+    assert get_dataset("circo").submission.server == "https://circo.micc.unifi.it/evaluation"

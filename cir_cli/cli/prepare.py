@@ -45,8 +45,6 @@ def prepare(
     if dataset == "toy":
         from cir_cli.data.toy import generate_toy
 
-        if fmt not in ("cirr", "fashioniq"):
-            raise CirError(f"--format {fmt!r}: expected cirr or fashioniq")
         target = out or Path("data/toy")
         summary = generate_toy(target, fmt=fmt, seed=seed)
         console.print(f"toy dataset ({fmt} layout, seed {seed}) written to {target}")

@@ -198,18 +198,6 @@ def train_combiner(
     _train("combiner", recipe, overrides, output_dir, device, resume, dry_run)
 
 
-# Where the test-split files go (the benchmarks' own servers, as their READMEs give them;
-# CIRR's backup: https://cirr.junjie.au/) and what to upload there.
-SUBMISSION_SERVERS = {
-    "cirr": (
-        "https://cirr.cecs.anu.edu.au/test_process/",
-        "both files (recall_submission_*.json for Recall@K, recall_subset_submission_*.json "
-        "for Recall_subset@K)",
-    ),
-    "circo": ("https://circo.micc.unifi.it/evaluation", "the circo_submission_*.json file"),
-}
-
-
 @app.command()
 @cli_command
 def submit(
@@ -234,6 +222,7 @@ def submit(
 
         _print_dry_run(run_preflight(cfg, "submit", checkpoint=checkpoint, benchmark=benchmark))
         return
+    from cir_cli.data import get_dataset
     from cir_cli.workflows import run_submission
 
     cfg, checkpoint = _resolve_and_say(cfg, checkpoint)
@@ -242,6 +231,7 @@ def submit(
     )
     for path in paths:
         _console().print(f"wrote {path}", soft_wrap=True)
-    server = SUBMISSION_SERVERS.get(benchmark)
+    # Where the files go: the dataset's test server (data/<dataset>.py).
+    server = get_dataset(benchmark).submission
     if server:
-        _console().print(f"upload {server[1]} at {server[0]}", soft_wrap=True, markup=False)
+        _console().print(f"upload {server.upload} at {server.server}", soft_wrap=True, markup=False)

@@ -6,105 +6,26 @@ argument validation and `cir prepare`, none of which need torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 from cir_cli.data import circo, cirr, fashioniq, genecis
-from cir_cli.data.base import CIRSplit, Triplet
+from cir_cli.data.base import CIRSplit, DatasetSpec, Submission, Triplet
 from cir_cli.errors import CirError
 
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """What the rest of the tool needs to know about one dataset, without loading it."""
-
-    name: str
-    splits: tuple[str, ...]
-    eval_splits: tuple[str, ...]
-    # Splits whose captions carry no target (answers live on an evaluation server).
-    unlabelled_splits: tuple[str, ...]
-    # Empty for datasets evaluated as one set; otherwise one `CIRSplit` per category.
-    categories: tuple[str, ...]
-    layout: str
-    load: Callable[[Path, str, Sequence[str] | None], list[CIRSplit]]
-    files: Callable[[Path, str, Sequence[str] | None], list[tuple[str, tuple[Path, Path]]]]
-    # Joins per-category splits into one training set; None when `load` returns one split.
-    merge: Callable[[Sequence[CIRSplit]], CIRSplit] | None = None
-
-
-def _cirr_files(
-    root: Path, split: str, categories: Sequence[str] | None
-) -> list[tuple[str, tuple[Path, Path]]]:
-    if categories:
-        raise CirError(f"CIRR has no categories; got {', '.join(categories)}")
-    return [("", cirr.annotation_files(Path(root), split))]
-
-
-def _fiq_files(
-    root: Path, split: str, categories: Sequence[str] | None
-) -> list[tuple[str, tuple[Path, Path]]]:
-    cats = fashioniq.check_categories(categories)
-    return [(c, fashioniq.annotation_files(Path(root), split, c)) for c in cats]
-
-
-def _circo_files(
-    root: Path, split: str, categories: Sequence[str] | None
-) -> list[tuple[str, tuple[Path, Path]]]:
-    ann = circo.annotation_file(Path(root), split)
-    return [("", (ann, Path(root) / circo.IMAGE_INFO))]
-
-
-def _genecis_files(
-    root: Path, split: str, categories: Sequence[str] | None
-) -> list[tuple[str, tuple[Path, Path]]]:
-    cats = genecis.check_categories(categories)
-    return [(c, (genecis.template_file(Path(root), c),) * 2) for c in cats]
-
-
+# Adding a dataset: one module that parses its layout into `CIRSplit`s and declares its
+# `DatasetSpec` (loading and protocol), plus a line here (or `register_dataset` from outside).
 DATASETS: dict[str, DatasetSpec] = {
-    "cirr": DatasetSpec(
-        name="cirr",
-        splits=cirr.SPLITS,
-        eval_splits=("val", "test1"),
-        unlabelled_splits=("test1",),
-        categories=(),
-        layout=cirr.LAYOUT,
-        load=cirr.load,
-        files=_cirr_files,
-    ),
-    "fashioniq": DatasetSpec(
-        name="fashioniq",
-        splits=fashioniq.SPLITS,
-        eval_splits=("val", "test"),
-        unlabelled_splits=("test",),
-        categories=fashioniq.CATEGORIES,
-        layout=fashioniq.LAYOUT,
-        load=fashioniq.load,
-        files=_fiq_files,
-        merge=fashioniq.merge,
-    ),
-    "circo": DatasetSpec(
-        name="circo",
-        splits=circo.SPLITS,
-        eval_splits=circo.SPLITS,
-        unlabelled_splits=("test",),
-        categories=(),
-        layout=circo.LAYOUT,
-        load=circo.load,
-        files=_circo_files,
-    ),
-    "genecis": DatasetSpec(
-        name="genecis",
-        splits=genecis.SPLITS,
-        eval_splits=genecis.SPLITS,
-        unlabelled_splits=(),
-        categories=genecis.CATEGORIES,
-        layout=genecis.LAYOUT,
-        load=genecis.load,
-        files=_genecis_files,
-    ),
+    spec.name: spec for spec in (cirr.SPEC, fashioniq.SPEC, circo.SPEC, genecis.SPEC)
 }
+
+
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    """Make `spec` known to `load_split`, recipes (data.dataset) and evaluation."""
+    if spec.name in DATASETS:
+        raise CirError(f"dataset '{spec.name}' is already registered")
+    DATASETS[spec.name] = spec
+    return spec
 
 
 def get_dataset(dataset: str) -> DatasetSpec:
@@ -115,6 +36,35 @@ def get_dataset(dataset: str) -> DatasetSpec:
         raise CirError(
             f"unknown dataset '{dataset}'; expected one of {', '.join(DATASETS)}"
         ) from None
+
+
+def submission_benchmark(benchmark: str) -> DatasetSpec:
+    """The dataset `cir submit <benchmark>` writes for, or a CirError naming those with a
+    test server."""
+    spec = DATASETS.get(benchmark)
+    if spec is None or spec.submission is None:
+        raise CirError(
+            f"unknown benchmark {benchmark!r} for `cir submit`; expected {submission_names()}"
+        )
+    return spec
+
+
+def submission_names() -> str:
+    """The datasets with a test server, for messages: "cirr or circo"."""
+    return " or ".join(n for n, s in DATASETS.items() if s.submission is not None)
+
+
+def recipe_categories(dataset: str, categories: Sequence[str]) -> Sequence[str] | None:
+    """The categories to load for a recipe's `data.categories`: those for datasets whose
+    categories a recipe picks (FashionIQ), None (all, or none at all) for the others."""
+    return categories if get_dataset(dataset).recipe_categories else None
+
+
+def train_caption_policy(split: CIRSplit, configured: str | None) -> str:
+    """data.train_caption_policy, or the dataset's own training default."""
+    if configured is not None:
+        return configured
+    return get_dataset(split.dataset).train_caption_policy
 
 
 def load_split(
@@ -147,8 +97,14 @@ __all__ = [
     "DATASETS",
     "CIRSplit",
     "DatasetSpec",
+    "Submission",
     "Triplet",
     "get_dataset",
     "load_split",
     "load_train_split",
+    "recipe_categories",
+    "register_dataset",
+    "submission_benchmark",
+    "submission_names",
+    "train_caption_policy",
 ]

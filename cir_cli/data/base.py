@@ -8,9 +8,10 @@ model, so there are no per-dataset twins of the evaluation or training code.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cir_cli.errors import CirError
 
@@ -156,3 +157,72 @@ def require_keys(record: dict, keys: Sequence[str], where: str) -> None:
     for key in keys:
         if key not in record:
             raise CirError(f"{where}: entry is missing required key '{key}'")
+
+
+# ------------------------------------------------------------------------------------ protocol
+
+# What `DatasetSpec.summarize` receives: evaluation's `SplitResult`s (split, recall,
+# subset_recall, map_at, tag_map), typed loosely because evaluation sits above this layer.
+Results = Sequence[Any]
+
+
+@dataclass(frozen=True)
+class Submission:
+    """`cir submit <dataset>`: the test server's files and where to upload them."""
+
+    server: str
+    # What to upload there (the closing hint `cir submit` prints).
+    upload: str
+    # (run folder, submission name, split, top names per query, subset top per query) ->
+    # the written files: validated first, written atomically (cir_cli/submission.py).
+    write: Callable[[Path, str, CIRSplit, Sequence[list[str]], Sequence[list[str]]], list[Path]]
+    # The split the server scores; None = the recipe's data.test_split.
+    split: str | None = None
+
+    def split_for(self, test_split: str) -> str:
+        return self.split or test_split
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset: how to load it and its evaluation protocol, so code outside `data/` asks
+    the spec (`get_dataset(split.dataset)`) instead of comparing dataset names."""
+
+    name: str
+    title: str  # how messages name it ("CIRR")
+    splits: tuple[str, ...]
+    # Empty for datasets evaluated as one set; otherwise one `CIRSplit` per category.
+    categories: tuple[str, ...]
+    layout: str
+    load: Callable[[Path, str, Sequence[str] | None], list[CIRSplit]]
+    # The annotation files `cir prepare` checks: [(category or "", (file, file))].
+    files: Callable[[Path, str, Sequence[str] | None], list[tuple[str, tuple[Path, Path]]]]
+    # The metric that picks the `best` checkpoint (eval.selection_metric overrides it).
+    selection_metric: str
+    # Recall@k over the whole gallery; () where only a per-query candidate set is ranked.
+    recall_ks: tuple[int, ...]
+    # The reported aggregates (the headline numbers and how they are averaged) from the
+    # per-split results of one evaluation.
+    summarize: Callable[[Results], dict[str, float]]
+    # Joins per-category splits into one training set; None when `load` returns one split.
+    merge: Callable[[Sequence[CIRSplit]], CIRSplit] | None = None
+    # Whether the recipe's data.categories picks the categories (FashionIQ's dress types);
+    # otherwise every category loads (GeneCIS) or there are none.
+    recipe_categories: bool = False
+    # The training caption policy when data.train_caption_policy is unset.
+    train_caption_policy: str = "verbatim"
+    # Queries carry two captions whose order is arbitrary (FashionIQ), so a method may
+    # encode both orders (LinCIR's averaging, spec 1.5).
+    caption_pairs: bool = False
+    # The candidate re-ranking reference (spec reranking.md) covers this dataset; its stage-I
+    # files are `<prefix>_top_<K>_<split>[_<category>].pt`. None: re-ranking refuses it.
+    candidate_prefix: str | None = None
+    # HTML report: per-category Recall@k columns with an average row (FashionIQ), and a
+    # one-row headline table of (metric key, column head) pairs (CIRR).
+    report_grid_ks: tuple[int, ...] = ()
+    report_headline: tuple[tuple[str, str], ...] = ()
+    # `cir submit <name>`; None when there is no test server.
+    submission: Submission | None = None
+    # `cir validate --save-rankings` also writes the official evaluator's input into the run
+    # folder: (run folder, split, top names per query) -> the file.
+    save_rankings: Callable[[Path, CIRSplit, Sequence[list[str]]], Path] | None = None

@@ -20,14 +20,15 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from cir_cli.data.base import CIRSplit, Triplet, require_keys
+from cir_cli.data.base import CIRSplit, DatasetSpec, Results, Submission, Triplet, require_keys
 from cir_cli.data.check import expect_str, read_annotation_json, require_root
+from cir_cli.data.fashioniq import summarize as recall_summary
 from cir_cli.errors import CirError
+from cir_cli.submission import CIRCO_K, write_circo_submission
 
 NAME = "circo"
 SPLITS = ("val", "test")
 _LABELLED = ("val",)
-FULL_GALLERY_SIZE = 123_403
 IMAGE_DIR = Path("COCO2017_unlabeled") / "unlabeled2017"
 IMAGE_INFO = Path("COCO2017_unlabeled") / "annotations" / "image_info_unlabeled2017.json"
 _FILE = re.compile(r"^0*(\d+)\.(jpg|jpeg|png)$", re.IGNORECASE)
@@ -141,3 +142,61 @@ def load(root: Path, split: str, categories: Sequence[str] | None = None) -> lis
             caption_policy="verbatim",
         )
     ]
+
+
+def files(
+    root: Path, split: str, categories: Sequence[str] | None
+) -> list[tuple[str, tuple[Path, Path]]]:
+    return [("", (annotation_file(Path(root), split), Path(root) / IMAGE_INFO))]
+
+
+def summarize(results: Results) -> dict[str, float]:
+    """mAP@{5,10,25,50}, Recall@k of target_img_id and mAP@10 per semantic aspect."""
+    if not results[0].map_at:
+        # No multi-target labels: the plain recall summary, as before datasets owned this.
+        return recall_summary(results)
+    from cir_cli import metrics  # torch: not at import (the CLI imports this module for --help)
+
+    first = results[0]
+    return metrics.circo_summary(first.map_at, first.recall, first.tag_map)
+
+
+def write_rankings(path: Path, split: CIRSplit, top: Sequence[list[str]]) -> Path:
+    """{"<query id>": [50 integer image ids]}: the server's and the official evaluator's input."""
+    ranking = {t.query_id: names[:CIRCO_K] for t, names in zip(split.triplets, top, strict=True)}
+    return write_circo_submission(path, ranking, [t.query_id for t in split.triplets])
+
+
+def write_submission(
+    out_dir: Path,
+    name: str,
+    split: CIRSplit,
+    top: Sequence[list[str]],
+    subset_top: Sequence[list[str]],
+) -> list[Path]:
+    return [write_rankings(Path(out_dir) / f"circo_submission_{name}.json", split, top)]
+
+
+def save_rankings(run_dir: Path, split: CIRSplit, top: Sequence[list[str]]) -> Path:
+    return write_rankings(Path(run_dir) / "circo_rankings.json", split, top)
+
+
+SPEC = DatasetSpec(
+    name=NAME,
+    title="CIRCO",
+    splits=SPLITS,
+    categories=(),
+    layout=LAYOUT,
+    load=load,
+    files=files,
+    selection_metric="map_at10",  # spec lincir_searle_circo.md 3.3
+    recall_ks=(5, 10, 25, 50),  # metrics.CIRCO_KS (metrics imports torch)
+    summarize=summarize,
+    submission=Submission(
+        server="https://circo.micc.unifi.it/evaluation",
+        upload="the circo_submission_*.json file",
+        write=write_submission,
+        split="test",
+    ),
+    save_rankings=save_rankings,
+)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from cir_cli.data.base import CIRSplit, Triplet, require_keys
+from cir_cli.data.base import CIRSplit, DatasetSpec, Results, Submission, Triplet, require_keys
 from cir_cli.data.check import (
     expect_name,
     expect_relpath,
@@ -17,6 +17,7 @@ from cir_cli.data.check import (
     require_root,
 )
 from cir_cli.errors import CirError
+from cir_cli.submission import build_cirr_submission, write_cirr_submission
 
 NAME = "cirr"
 SPLITS = ("train", "val", "test1")
@@ -141,3 +142,67 @@ def load(root: Path, split: str, categories: Sequence[str] | None = None) -> lis
             has_groups=True,
         )
     ]
+
+
+def files(
+    root: Path, split: str, categories: Sequence[str] | None
+) -> list[tuple[str, tuple[Path, Path]]]:
+    if categories:
+        raise CirError(f"CIRR has no categories; got {', '.join(categories)}")
+    return [("", annotation_files(Path(root), split))]
+
+
+def summarize(results: Results) -> dict[str, float]:
+    """Recall@{1,5,10,50}, Recall_subset@{1,2,3} and their means (metrics.cirr_summary)."""
+    if not results[0].recall:
+        return {}
+    from cir_cli import metrics  # torch: not at import (the CLI imports this module for --help)
+
+    return metrics.cirr_summary(results[0].recall, results[0].subset_recall)
+
+
+def write_submission(
+    out_dir: Path,
+    name: str,
+    split: CIRSplit,
+    top: Sequence[list[str]],
+    subset_top: Sequence[list[str]],
+) -> list[Path]:
+    """recall_submission_{name}.json and recall_subset_submission_{name}.json, validated."""
+    top50 = {t.query_id: names for t, names in zip(split.triplets, top, strict=True)}
+    top3 = {t.query_id: names for t, names in zip(split.triplets, subset_top, strict=True)}
+    recall, recall_subset = build_cirr_submission(split, top50, top3)
+    return list(write_cirr_submission(out_dir, name, recall, recall_subset, split))
+
+
+SPEC = DatasetSpec(
+    name=NAME,
+    title="CIRR",
+    splits=SPLITS,
+    categories=(),
+    layout=LAYOUT,
+    load=load,
+    files=files,
+    # (R@5 + R_subset@1) / 2 (spec 5)
+    selection_metric="mean_r5_rs1",
+    recall_ks=(1, 5, 10, 50),  # metrics.CIRR_KS (metrics imports torch)
+    summarize=summarize,
+    candidate_prefix="cirr",
+    report_headline=(
+        ("recall_at1", "R@1"),
+        ("recall_at5", "R@5"),
+        ("recall_at10", "R@10"),
+        ("recall_at50", "R@50"),
+        ("group_recall_at1", "R<sub>s</sub>@1"),
+        ("group_recall_at2", "R<sub>s</sub>@2"),
+        ("group_recall_at3", "R<sub>s</sub>@3"),
+        ("mean_r5_rs1", "(R@5 + R<sub>s</sub>@1) / 2"),
+    ),
+    # The benchmark's own server, as its README gives it (backup: https://cirr.junjie.au/).
+    submission=Submission(
+        server="https://cirr.cecs.anu.edu.au/test_process/",
+        upload="both files (recall_submission_*.json for Recall@K, "
+        "recall_subset_submission_*.json for Recall_subset@K)",
+        write=write_submission,
+    ),
+)

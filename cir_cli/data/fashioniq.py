@@ -9,7 +9,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from cir_cli.data.base import CIRSplit, Triplet, require_keys
+from cir_cli.data.base import CIRSplit, DatasetSpec, Results, Triplet, require_keys
 from cir_cli.data.check import (
     expect_name,
     expect_relpath,
@@ -179,3 +179,40 @@ def merge(splits: Sequence[CIRSplit]) -> CIRSplit:
         caption_policy="fiq_random",
         subset="",
     )
+
+
+def files(
+    root: Path, split: str, categories: Sequence[str] | None
+) -> list[tuple[str, tuple[Path, Path]]]:
+    return [(c, annotation_files(Path(root), split, c)) for c in check_categories(categories)]
+
+
+def summarize(results: Results) -> dict[str, float]:
+    """Per-category R@10 / R@50, their unweighted means and average_recall (spec 5)."""
+    if not results[0].recall:
+        return {}
+    from cir_cli import metrics  # torch: not at import (the CLI imports this module for --help)
+
+    return metrics.fashioniq_summary({r.split.subset or r.split.split: r.recall for r in results})
+
+
+SPEC = DatasetSpec(
+    name=NAME,
+    title="FashionIQ",
+    splits=SPLITS,
+    categories=CATEGORIES,
+    layout=LAYOUT,
+    load=load,
+    files=files,
+    merge=merge,
+    # (avg R@10 + avg R@50) / 2 (spec 5)
+    selection_metric="average_recall",
+    recall_ks=(10, 50),  # metrics.FASHIONIQ_KS (metrics imports torch)
+    summarize=summarize,
+    recipe_categories=True,
+    # The seeds draw one of the 4 caption joins per training sample.
+    train_caption_policy="fiq_random",
+    caption_pairs=True,
+    candidate_prefix="fiq",
+    report_grid_ks=(10, 50),
+)

@@ -23,9 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cir_cli.data.base import CIRSplit, Triplet, require_keys
+from cir_cli.data.base import CIRSplit, DatasetSpec, Results, Triplet, require_keys
 from cir_cli.data.check import expect_str, read_annotation_json, require_root
+from cir_cli.data.fashioniq import summarize as recall_summary
 from cir_cli.errors import CirError
+from cir_cli.io import atomic_path
+from cir_cli.progress import progress_bar
 
 NAME = "genecis"
 SPLITS = ("val", "test")
@@ -73,6 +76,7 @@ def crop_box(box: Sequence[float], width: int, height: int) -> tuple[float, floa
 
 def make_crop(source: Path, box: Sequence[float]):
     """The padded square crop (PIL image) of `box` in `source`."""
+    # Deferred: Pillow and torch (data.images) stay out of `import cir_cli.data` (the CLI's).
     from PIL import Image
 
     from cir_cli.data.images import open_rgb
@@ -124,9 +128,6 @@ class GenecisSplit(CIRSplit):
         todo = [n for n in self.crops if not self.image_paths[n].is_file()]
         if not todo:
             return
-        from cir_cli.io import atomic_path
-        from cir_cli.progress import progress_bar
-
         def one(name: str) -> None:
             source, box = self.crops[name]
             target = self.image_paths[name]
@@ -214,3 +215,34 @@ def load(root: Path, split: str, categories: Sequence[str] | None = None) -> lis
         raise CirError(f"unknown GeneCIS split '{split}'; expected one of {', '.join(SPLITS)}")
     crops_dir = Path(os.environ.get("CIR_GENECIS_CROPS", root / "cir_crops"))
     return [_load_category(root, split, c, crops_dir) for c in check_categories(categories)]
+
+
+def files(
+    root: Path, split: str, categories: Sequence[str] | None
+) -> list[tuple[str, tuple[Path, Path]]]:
+    return [(c, (template_file(Path(root), c),) * 2) for c in check_categories(categories)]
+
+
+def summarize(results: Results) -> dict[str, float]:
+    """Recall@{1,2,3} within each query's candidates per split, average_recall_at1."""
+    if not results[0].subset_recall:
+        # No candidate-set recalls: the plain recall summary, as before datasets owned this.
+        return recall_summary(results)
+    from cir_cli import metrics  # torch: not at import (the CLI imports this module for --help)
+
+    per_split = {r.split.subset or r.split.split: r.subset_recall for r in results}
+    return metrics.genecis_summary(per_split)
+
+
+SPEC = DatasetSpec(
+    name=NAME,
+    title="GeneCIS",
+    splits=SPLITS,
+    categories=CATEGORIES,
+    layout=LAYOUT,
+    load=load,
+    files=files,
+    selection_metric="average_recall_at1",  # spec lincir_searle_circo.md 3.4
+    recall_ks=(),  # only each query's own candidates are ranked
+    summarize=summarize,
+)

@@ -31,7 +31,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cir_cli.data.toy import COLOURS, POSITIONS, SHAPES, SIZES
 from cir_cli.errors import CirError
+from cir_cli.weights import missing_hint
 
 MASK = "[$]"
 FALLBACK_MASKED = "a photo of [$]"
@@ -263,8 +265,6 @@ def read_text_file(path: str | Path, column: str = "text") -> list[str]:
     """The texts of one local file (format by suffix, see the module docstring)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        from cir_cli.weights import missing_hint
-
         raise CirError(f"method.text_files: {path} not found{missing_hint(str(path))}")
     suffix = path.suffix.lower()
     if suffix == ".txt":
@@ -469,8 +469,6 @@ def toy_text_lines(n: int, seed: int = 0) -> list[str]:
     For the `toy_lincir` recipe: LinCIR trains Phi on text only, so its toy corpus describes
     toy-like scenes in words, e.g. "a small red circle in the top left corner".
     """
-    from cir_cli.data.toy import COLOURS, POSITIONS, SHAPES, SIZES
-
     rng = random.Random(f"cir-toy-lincir-text/{seed}")
     positions = list(POSITIONS.values())
     lines = []

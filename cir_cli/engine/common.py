@@ -24,12 +24,6 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(f"{seed}:{epoch}:{index}")
 
 
-def train_caption_policy(split: CIRSplit, configured: str | None) -> str:
-    if configured is not None:
-        return configured
-    return "fiq_random" if split.dataset == "fashioniq" else "verbatim"
-
-
 def training_text(split: CIRSplit, policy: str, seed: int, epoch: int, index: int) -> str:
     return query_text(split.triplets[index], policy, rng=sample_rng(seed, epoch, index))
 

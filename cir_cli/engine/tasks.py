@@ -7,8 +7,7 @@ from pathlib import Path
 import torch
 
 from cir_cli.api import default_cache, load_eval_splits
-from cir_cli.data import load_train_split
-from cir_cli.engine.common import train_caption_policy
+from cir_cli.data import load_train_split, recipe_categories, train_caption_policy
 from cir_cli.evaluation import selection_metric
 from cir_cli.methods.base import CIRMethod
 
@@ -29,7 +28,7 @@ class TripletTrainingTask:
         self.recipe = model.recipe
         self.device = device
         data = self.recipe.data
-        categories = data.categories if data.dataset == "fashioniq" else None
+        categories = recipe_categories(data.dataset, data.categories)
         self.split = load_train_split(
             data.dataset, Path(data.root).expanduser(), categories, data.train_split
         )

@@ -33,6 +33,7 @@ from cir_cli.backbones.pseudo_tokens import (
     token_width_of,
     tokenize_pieces,
 )
+from cir_cli.data import get_dataset
 from cir_cli.errors import CirError
 from cir_cli.methods.base import CIRMethod, state_fingerprint
 from cir_cli.modules.phi import Phi
@@ -127,7 +128,7 @@ class LinCir(CIRMethod):
         FashionIQ: the two raw captions (both orders are encoded and averaged, spec 1.5);
         otherwise the single caption / condition.
         """
-        if split.dataset == "fashioniq" and self.cfg.fiq_both_orders:
+        if get_dataset(split.dataset).caption_pairs and self.cfg.fiq_both_orders:
             return [
                 tuple(t.captions) if len(t.captions) == 2 else t.captions[0]
                 for t in split.triplets

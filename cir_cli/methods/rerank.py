@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cir_cli.backbones import build_backbone
+from cir_cli.data import get_dataset
 from cir_cli.engine.tasks import CachedRowsStage, TripletTrainingTask
 from cir_cli.errors import CirError
 from cir_cli.methods.base import CIRMethod, memoised_fingerprint
@@ -227,7 +228,7 @@ class Rerank(CIRMethod):
         """The split's result re-ranked by stage II (None when re-ranking is off)."""
         if not self.reranking():
             return None
-        if split.dataset not in ("cirr", "fashioniq"):
+        if get_dataset(split.dataset).candidate_prefix is None:
             raise CirError(
                 f"re-ranking follows the CIRR / FashionIQ protocols; {split.label} is not one"
             )
@@ -290,7 +291,6 @@ class Rerank(CIRMethod):
         self, split: CIRSplit, result: SplitResult, first: SplitResult, lists, k: int
     ) -> None:
         from cir_cli import metrics
-        from cir_cli.evaluation import RECALL_KS
 
         if not all(t.target is not None for t in split.triplets):
             return
@@ -302,7 +302,7 @@ class Rerank(CIRMethod):
             else:  # first-stage rank (a list without the target: the gallery size, a miss)
                 ranks.append(int(first.target_ranks[q]))
         result.target_ranks = torch.tensor(ranks, dtype=torch.long)
-        ks = RECALL_KS.get(split.dataset, metrics.FASHIONIQ_KS)
+        ks = get_dataset(split.dataset).recall_ks
         result.recall = metrics.recall_from_ranks(result.target_ranks, ks)
 
     def _rerank_subset(
@@ -474,7 +474,7 @@ def result_from_lists(
     in the lists (a target beyond the list is a miss), subset order = list order (members
     outside the list are filtered out, as metrics.subset_recall_at_k does)."""
     from cir_cli import metrics
-    from cir_cli.evaluation import RECALL_KS, SplitResult
+    from cir_cli.evaluation import SplitResult
 
     result = SplitResult(split, top=[list(r) for r in lists])
     result.top_scores = [list(r) for r in scores] if scores is not None else []
@@ -485,7 +485,7 @@ def result_from_lists(
         row.index(t.target) if t.target in row else len(split.gallery)
         for t, row in zip(split.triplets, lists, strict=True)
     ]
-    ks = RECALL_KS.get(split.dataset, metrics.FASHIONIQ_KS)
+    ks = get_dataset(split.dataset).recall_ks
     result.target_ranks = torch.tensor(ranks, dtype=torch.long)
     result.recall = metrics.recall_from_ranks(result.target_ranks, ks)
     if split.has_groups and split.remove_reference:

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cir_cli.data import DATASETS
 from cir_cli.io import write_text_atomic
 from cir_cli.report.audit import AUDIT_KS, QueryRecord, SplitReport
 
@@ -95,30 +96,36 @@ def _fmt(value: float) -> str:
 
 
 def _metrics_table(metrics: Mapping[str, float], reports: Sequence[SplitReport]) -> str:
-    dataset = reports[0].dataset if reports else ""
-    if dataset == "fashioniq" and "average_recall_at10" in metrics:
+    # The dataset's layout (its DatasetSpec), when the metrics it needs are there.
+    spec = DATASETS.get(reports[0].dataset) if reports else None
+    grid_ks = spec.report_grid_ks if spec else ()
+    averages = [f"average_recall_at{k}" for k in grid_ks]
+    if grid_ks and all(key in metrics for key in averages):
         rows = [
-            f'<tr><td class="l">{esc(r.category)}</td><td>{_fmt(r.recall.get(10, 0))}</td>'
-            f"<td>{_fmt(r.recall.get(50, 0))}</td></tr>"
+            f'<tr><td class="l">{esc(r.category)}</td>'
+            + "".join(f"<td>{_fmt(r.recall.get(k, 0))}</td>" for k in grid_ks)
+            + "</tr>"
             for r in reports
         ]
         rows.append(
             '<tr><td class="l"><b>average</b></td>'
-            f"<td><b>{_fmt(metrics['average_recall_at10'])}</b></td>"
-            f"<td><b>{_fmt(metrics['average_recall_at50'])}</b></td></tr>"
+            + "".join(f"<td><b>{_fmt(metrics[key])}</b></td>" for key in averages)
+            + "</tr>"
         )
+        ats = " + ".join(f"R@{k}" for k in grid_ks)
         return (
-            '<table class="grid"><tr><th class="l">category</th><th>R@10</th><th>R@50</th></tr>'
+            '<table class="grid"><tr><th class="l">category</th>'
+            + "".join(f"<th>R@{k}</th>" for k in grid_ks)
+            + "</tr>"
             + "".join(rows)
             + "</table>"
-            + f'<p class="meta">average recall (R@10 + R@50) / 2: '
+            + f'<p class="meta">average recall ({ats}) / {len(grid_ks)}: '
             f"<b>{_fmt(metrics['average_recall'])}</b></p>"
         )
-    if dataset == "cirr" and "mean_r5_rs1" in metrics:
-        keys = [f"recall_at{k}" for k in (1, 5, 10, 50)]
-        keys += [f"group_recall_at{k}" for k in (1, 2, 3)] + ["mean_r5_rs1"]
-        heads = ["R@1", "R@5", "R@10", "R@50", "R<sub>s</sub>@1", "R<sub>s</sub>@2"]
-        heads += ["R<sub>s</sub>@3", "(R@5 + R<sub>s</sub>@1) / 2"]
+    headline = spec.report_headline if spec else ()
+    if headline and all(key in metrics for key, _ in headline):
+        keys = [key for key, _ in headline]
+        heads = [head for _, head in headline]
         return (
             '<table class="grid"><tr>'
             + "".join(f"<th>{h}</th>" for h in heads)
