@@ -54,8 +54,8 @@ from cir_cli.io import atomic_path, read_json, read_text, require_field, write_t
 if TYPE_CHECKING:
     import torch
 
+    from cir_cli.config import Recipe
     from cir_cli.methods.base import CIRMethod
-    from cir_cli.recipes import Recipe
 
 INDEX_FORMAT = "cir-index"
 INDEX_VERSION = 1

@@ -40,7 +40,7 @@ from cir_cli.checkpoints import check_sha1, load_state_dict_strict, load_torch_c
 from cir_cli.errors import CirError
 
 if TYPE_CHECKING:
-    from cir_cli.recipes import BackboneConfig
+    from cir_cli.config import BackboneConfig
 
 # BLIP's tokenizer additions (spec 3.1): bos "[DEC]" (id 30522) and "[ENC]" (id 30523).
 DEC_TOKEN = "[DEC]"

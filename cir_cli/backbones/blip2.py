@@ -54,7 +54,7 @@ from cir_cli.checkpoints import load_state_dict_strict, load_torch_checkpoint
 from cir_cli.errors import CirError
 
 if TYPE_CHECKING:
-    from cir_cli.recipes import BackboneConfig
+    from cir_cli.config import BackboneConfig
 
 # Q-Former settings shared by every real BLIP-2 (spec 0.2): bert-base + [DEC] = 30523 rows.
 _QFORMER_BASE = {

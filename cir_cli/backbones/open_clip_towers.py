@@ -24,7 +24,7 @@ from cir_cli.checkpoints import load_state_dict_strict, load_torch_checkpoint
 from cir_cli.errors import CirError
 
 if TYPE_CHECKING:
-    from cir_cli.recipes import BackboneConfig
+    from cir_cli.config import BackboneConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(CONFIG_DIR)

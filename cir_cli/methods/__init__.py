@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 from cir_cli.errors import CirError
 
 if TYPE_CHECKING:
+    from cir_cli.config import Recipe
     from cir_cli.methods.base import CIRMethod
-    from cir_cli.recipes import Recipe
 
 METHODS: dict[str, str] = {
     "clip4cir": "cir_cli.methods.clip4cir:Clip4Cir",

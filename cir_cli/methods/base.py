@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
     from PIL import Image
 
+    from cir_cli.config import Recipe
     from cir_cli.data.base import CIRSplit
-    from cir_cli.recipes import Recipe
 
 
 def state_fingerprint(*modules: nn.Module) -> str:

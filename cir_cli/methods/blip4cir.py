@@ -39,9 +39,9 @@ from cir_cli.methods.prompts import DIRECTION_TOKENS, directed_text
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from cir_cli.config import Recipe
     from cir_cli.data.base import CIRSplit, Triplet
     from cir_cli.modules.combiner import Combiner
-    from cir_cli.recipes import Recipe
 
 
 # --------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ from cir_cli.modules.cala_heads import (
 )
 
 if TYPE_CHECKING:
-    from cir_cli.recipes import Recipe
+    from cir_cli.config import Recipe
 
 # Class-name keys of CaLa's saved files: {"epoch": int, "<class name>": state_dict} (spec 3.7).
 BLIP2_KEY = "Blip2Qformer"

@@ -19,7 +19,7 @@ from cir_cli.methods.base import FusedFeatureMethod
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from cir_cli.recipes import Recipe
+    from cir_cli.config import Recipe
 
 
 class Clip4Cir(FusedFeatureMethod):

@@ -38,8 +38,8 @@ from cir_cli.methods.base import CIRMethod, state_fingerprint
 from cir_cli.modules.phi import Phi
 
 if TYPE_CHECKING:
+    from cir_cli.config import Recipe
     from cir_cli.data.base import CIRSplit
-    from cir_cli.recipes import Recipe
 
 QueryText = str | tuple[str, ...]
 

@@ -45,9 +45,9 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from cir_cli.cache import FeatureCache
+    from cir_cli.config import Recipe
     from cir_cli.data.base import CIRSplit
     from cir_cli.evaluation import SplitResult
-    from cir_cli.recipes import Recipe
 
 # Scores of (query, candidate) pairs whose candidate slot is padding.
 _PAD_SCORE = -math.inf

@@ -39,7 +39,7 @@ from cir_cli.ranking import max_over_tokens_score
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from cir_cli.recipes import Recipe
+    from cir_cli.config import Recipe
 
 # SPRC's checkpoint entry (spec 2.5): {"epoch": int, "Blip2QformerCirAlignPrompt": state_dict}.
 SPRC_CHECKPOINT_KEY = "Blip2QformerCirAlignPrompt"
