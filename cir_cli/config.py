@@ -9,7 +9,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SerializeAsAny,
+    Tag,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+)
+from pydantic_core import PydanticKnownError
+
+from cir_cli.registry import method_config, method_names
 
 
 class _Section(BaseModel):
@@ -17,159 +29,52 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-# Method sections: one class per method, discriminated by `name`. A method issue adds its
-# class here and to `MethodConfig` (keys a recipe may set under [method]).
+# --------------------------------------------------------------------------------------------
+# [method]: each method declares its own keys in a subclass of `MethodSection`, registered with
+# the method (cir_cli/registry.py); the recipe validates [method] with the class registered for
+# its `name`.
 
 
-class Clip4CirMethod(_Section):
-    """CLIP4Cir (spec clip4cir_blip4cir.md 3.2, 4): sum in stage I, Combiner in stage II."""
+class MethodSection(_Section):
+    """What every [method] section has: `name`, the registered method it picks."""
 
-    name: Literal["clip4cir"] = "clip4cir"
-    # How image and text features are fused at evaluation: "sum" (the element-wise sum of
-    # stage I and the zero-shot baseline), "combiner" (a trained Combiner is required), or
-    # "auto" (the Combiner when a checkpoint brought one, otherwise the sum). Stage I always
-    # trains and validates the sum.
-    combining: Literal["auto", "sum", "combiner"] = "auto"
-    logit_scale: float = 100.0
+    name: str
 
 
-class LinCirMethod(_Section):
-    """LinCIR (spec lincir_searle_circo.md 1): Phi maps a CLIP image feature to a pseudo token.
-
-    Zero-shot: Phi is trained on text only (self-masking projection, `cir finetune`); queries
-    are the text feature of `prompt` with `$` replaced by Phi(image feature).
-    """
-
-    name: Literal["lincir"] = "lincir"
-    # Benchmark prompt (spec 1.5); `$` marks the pseudo token, {caption} the modification text.
-    prompt: str = "a photo of $ that {caption}"
-    # FashionIQ: average the two caption orders "{c1} and {c2}" / "{c2} and {c1}" (spec 1.5).
-    fiq_both_orders: bool = True
-    # Text-only baseline: drop `$` from the prompt ("a photo of that {caption}"), ignore the image.
-    text_only: bool = False
-    phi_dropout: float = Field(0.5, ge=0, lt=1)
-    # L2-normalise Phi's input at train and eval (LinCIR's --l2_normalize; off by default).
-    l2_normalize: bool = False
-    # SMP noise x = t + u * eps * noise_multiplier, u ~ U[0,1) per sample (spec 1.6).
-    noise_multiplier: float = Field(1.0, ge=0)
-    # EMA of Phi kept beside it during training (None: no EMA); use_ema evaluates with it.
-    ema_decay: float | None = Field(0.9999, gt=0, lt=1)
-    use_ema: bool = False
-    # Training text (spec 1.6): local .txt / .jsonl / .csv / .parquet files (column
-    # `text_column`) and Hugging Face dataset ids (needs the `datasets` package), mixed.
-    text_files: list[str] = Field(default_factory=list)
-    hf_datasets: list[str] = Field(default_factory=list)
-    text_column: str = "text"
-    max_texts: int | None = Field(None, ge=1)
-    # Keyword masking: spaCy when a pipeline is installed ("auto"), or the built-in heuristic.
-    keywords: Literal["auto", "spacy", "heuristic"] = "auto"
-    spacy_model: str = "en_core_web_sm"
-    # Encode each unmasked caption once through the feature cache (the seeds did it per step).
-    cache_caption_features: bool = True
+def _method_section(value: Any, handler: ValidatorFunctionWrapHandler) -> MethodSection:
+    """Validate a [method] table with the section class registered for its `name`."""
+    if isinstance(value, MethodSection):
+        return value
+    if not isinstance(value, dict):
+        return handler(value)  # pydantic's own "must be a table" error
+    names = method_names()
+    name = value.get("name")
+    if name not in names:
+        expected = ", ".join(repr(n) for n in names)
+        context = {"discriminator": "'name'", "tag": str(name), "expected_tags": expected}
+        raise PydanticKnownError("union_tag_invalid", context)
+    return method_config(name).model_validate(value)
 
 
-class Blip4CirMethod(_Section):
-    """Bi-BLIP4CIR (spec clip4cir_blip4cir.md 3.3, 4.3): BLIP towers, sum then Combiner, with
-    forward + reversed queries (weight 0 = the BLIP4CIR baseline without bi-directional loss)."""
-
-    name: Literal["blip4cir"] = "blip4cir"
-    # As CLIP4Cir's: "auto" (the Combiner when a checkpoint brought one, else the sum), "sum",
-    # or "combiner" (trained Combiner weights required). Stage I always trains the sum.
-    combining: Literal["auto", "sum", "combiner"] = "auto"
-    logit_scale: float = 100.0
-    # Direction prompts: `compat` = the published " [FORWARD] " string transform (with its
-    # split-on-"and" quirk; the published checkpoints need it), `token` = real added special
-    # tokens [FORWARD]/[BACKWARD], `none` = no marker.
-    prompts: Literal["compat", "token", "none"] = "compat"
-    # w of L = L_f + w L_r in stage I (seeds: 0.4 FashionIQ, 0.1 CIRR) and stage II (0.5 / 0.1).
-    finetune_reverse_weight: float = Field(0.4, ge=0)
-    combiner_reverse_weight: float = Field(0.5, ge=0)
-    # Stage I: text_proj's lr is this multiple of finetune.lr (seeds: 100). Its group is the
-    # second one: finetune.schedule_groups = "first" keeps it constant, as the seeds.
-    text_proj_lr_scale: float = Field(100.0, gt=0)
-    # Stage II reversed loss: reference rows per chunk of the B x B pairing (bounds memory).
-    reverse_chunk: int = Field(64, ge=1)
+def _default_method() -> MethodSection:
+    return method_config("clip4cir")()
 
 
-class SprcMethod(_Section):
-    """SPRC (spec sprc_cala.md 1): BLIP-2 Q-Former with sentence-level prompts; target = 32
-    projected query tokens, score = max over them. Single stage (`cir finetune`)."""
-
-    name: Literal["sprc"] = "sprc"
-    # Caption tokens (LAVIS max_txt_len, spec 1.3); the prompt CLS sits at index num_query_tokens.
-    max_text_length: int = Field(32, ge=2)
-    # loss = itc + w_rtc * rtc + w_align * align (spec 1.4): CIRR 0.4 / 0.4; the FashionIQ
-    # script sums them unweighted (1 / 1).
-    loss_rtc: float = Field(0.4, ge=0)
-    loss_align: float = Field(0.4, ge=0)
-    # SPRC leaves temp unclamped; true clamps it to [0.001, 0.5] as upstream BLIP-2 (spec 5).
-    clamp_temp: bool = False
-    # Weight decay on every parameter as SPRC (true), or none on biases, norms, tokens, temp.
-    decay_all: bool = True
+MethodField = Annotated[SerializeAsAny[MethodSection], WrapValidator(_method_section)]
 
 
-class CalaMethod(_Section):
-    """CaLa (spec sprc_cala.md 3): the sum or ARTEMIS query frame, trained together with two
-    training-only heads, TBIA's twin-attention compositor (TAC) and CTR's hinge-based cross
-    attention (HCA). Backbones: BLIP-2 (`blip2`, three Q-Former roles on one frozen ViT) or an
-    open_clip ResNet (`open_clip`, RN50x4). Single stage (`cir finetune`)."""
-
-    name: Literal["cala"] = "cala"
-    # Query frame (spec 3.2): "sum" = norm(r + m) scored by cosine (logits x logit_scale),
-    # "artemis" = EM + IS scores used directly as logits.
-    frame: Literal["sum", "artemis"] = "sum"
-    # Which encoders train (spec 3.6). BLIP-2: "multi" = the multimodal and textual Q-Formers,
-    # "both" = also the visual one. CLIP: "text" (the text tower; CaLa never steps the visual
-    # tower, which here stays frozen and cached).
-    encoder: Literal["multi", "both", "text"] = "both"
-    # tau and h of L = h CE(hca) + (1 - h) CE(tau tac + (1 - tau) main) (spec 3.5); README
-    # values 0.45 / 0.1. 0 switches the head off (it is then not trained or saved).
-    tac_weight: float = Field(0.45, ge=0, le=1)
-    hca_weight: float = Field(0.1, ge=0, le=1)
-    # Fixed logit scales of the published code: 100 for the sum frame, 10 for TAC and HCA.
-    logit_scale: float = Field(100.0, gt=0)
-    head_logit_scale: float = Field(10.0, gt=0)
-    # Learning rates relative to finetune.lr (spec 3.6): TAC and HCA 2x, ARTEMIS 10x.
-    tac_lr_scale: float = Field(2.0, gt=0)
-    hca_lr_scale: float = Field(2.0, gt=0)
-    artemis_lr_scale: float = Field(10.0, gt=0)
-    # Mask padded caption tokens out of HCA's text hinge: an improvement (README deviations);
-    # CaLa has no mask, so false (the default) reproduces it.
-    text_padding_mask: bool = False
-    # CLIP: CaLa's `.view(B, H*W, C)` of the (B, C, H, W) layer-4 map, which mixes channels and
-    # positions; false (default) takes proper spatial tokens (flatten + transpose).
-    compat_reshape: bool = False
-
-
-class RerankMethod(_Section):
-    """Candidate re-ranking (Liu et al., TMLR 2024; spec reranking.md): stage I = BLIP's
-    image-grounded text encoder cross-attending to the reference's ViT tokens ([ENC] pooling,
-    learnable temperature; `cir finetune`), stage II = the dual multi-modal encoder scoring
-    (query, candidate) pairs (`cir train-combiner`). Re-ranking at evaluation: [rerank]."""
-
-    name: Literal["rerank"] = "rerank"
-    # Layers >= this merge the two branches' cross-attention outputs with a learned Linear;
-    # earlier layers average them (CR: 6 of 12).
-    merge_from_layer: int = Field(6, ge=0)
-    # Stage-II training inputs: z_t from the stage-I encoder in train mode (dropout active) as
-    # CR does (true), or in eval mode (false). CR's stage-II ViT also ran with drop-path 0.1;
-    # here ViT tokens are cached (frozen, eval), which drops that noise (README deviations).
-    noisy_z_t: bool = True
-    # Precision of the cached 577 x 768 ViT tokens (CR kept fp32 on the GPU): "fp16" halves
-    # the cache (886 KB per image) at ~1e-3 relative rounding of the tokens.
-    token_precision: Literal["fp16", "fp32"] = "fp16"
-
-
-MethodConfig = Annotated[
-    Clip4CirMethod | LinCirMethod | Blip4CirMethod | SprcMethod | CalaMethod | RerankMethod,
-    Field(discriminator="name"),
-]
+# --------------------------------------------------------------------------------------------
+# [backbone]: one class per family, picked by `name` (open_clip when absent).
 
 
 class BackboneConfig(_Section):
-    """The encoder towers: registry key `name`, architecture and weights."""
+    """The encoder towers: registry key `name`, architecture and weights.
 
-    name: Literal["open_clip", "hf_clip", "blip", "blip2"] = "open_clip"
+    Calling `BackboneConfig(name=..., ...)` builds the class of that family (as `Path()` gives
+    a `PosixPath`), so scripts need not know the subclasses.
+    """
+
+    name: str = "open_clip"
     # open_clip: an architecture name. hf_clip: a Hugging Face CLIP id (e.g.
     # "openai/clip-vit-large-patch14") or a built-in tiny config ("cir-tiny-hf").
     arch: str = "RN50x4"
@@ -180,19 +85,83 @@ class BackboneConfig(_Section):
     # Precision of frozen towers during feature extraction on GPU (training precision is the
     # stage's `amp`).
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    # (blip only) input resolution; None = the architecture's (blip-base: 384). Pretrained
-    # position grids (model_base.pth: 14x14 at 224 px) are resized bicubically to it.
+    # Keys of other families: always unset here (setting one is an error naming the key), so
+    # every [backbone] reads, dumps and shows the same keys (manifests, `cir recipes show`).
+    image_size: None = None
+    tokenizer: None = None
+    vision_pretrained: None = None
+    sha1: None = None
+
+    def __new__(cls, *args: Any, **data: Any) -> BackboneConfig:
+        if cls is BackboneConfig:
+            cls = BACKBONE_CONFIGS.get(data.get("name", "open_clip"), cls)
+        return super().__new__(cls)
+
+
+class OpenClipBackboneConfig(BackboneConfig):
+    """open_clip towers (CLIP4Cir, CaLa's RN50x4, LinCIR's tiny CLIP)."""
+
+    name: Literal["open_clip"] = "open_clip"
+
+
+class HfClipBackboneConfig(BackboneConfig):
+    """Hugging Face transformers CLIP (LinCIR's ViT-L/14 and ViT-G/14)."""
+
+    name: Literal["hf_clip"] = "hf_clip"
+
+
+class BlipBackboneConfig(BackboneConfig):
+    """BLIP ViT + BERT towers (Bi-BLIP4CIR, candidate re-ranking)."""
+
+    name: Literal["blip"] = "blip"
+    # Input resolution; None = the architecture's (blip-base: 384). Pretrained position grids
+    # (model_base.pth: 14x14 at 224 px) are resized bicubically to it.
     image_size: int | None = Field(None, gt=0)
-    # (blip, blip2) BERT-uncased vocabulary: a vocab.txt, a tokenizer folder or a hub id; None =
+    # BERT-uncased vocabulary: a vocab.txt, a tokenizer folder or a hub id; None =
     # bert-base-uncased (hub cache) for blip-base, the built-in vocabulary for cir-tiny-blip.
-    # blip2: None = bert-base-uncased for blip2-vit-g/-vit-l, "cir-tiny" for the tiny archs.
     tokenizer: str | None = None
-    # (blip2 only) frozen ViT weights when `pretrained` has none (LAVIS saves without them):
-    # eva_vit_g.pth / clip_vit_L.pth, an OpenAI / open_clip ViT-L-14 state dict, or "openai".
-    vision_pretrained: str | None = None
-    # (blip only) expected SHA1 of backbone.pretrained (model_base.pth:
+    # Expected SHA1 of backbone.pretrained (model_base.pth:
     # 5f1d8cdfae91e22a35e98a4bbb4c43be7bd0ac50); None = not checked.
     sha1: str | None = None
+
+
+class Blip2BackboneConfig(BackboneConfig):
+    """BLIP-2 frozen ViT + Q-Former (SPRC, CaLa)."""
+
+    name: Literal["blip2"] = "blip2"
+    # BERT-uncased vocabulary (a vocab.txt, a tokenizer folder or a hub id); None =
+    # bert-base-uncased for blip2-vit-g/-vit-l, "cir-tiny" for the tiny archs.
+    tokenizer: str | None = None
+    # Frozen ViT weights when `pretrained` has none (LAVIS saves without them): eva_vit_g.pth /
+    # clip_vit_L.pth, an OpenAI / open_clip ViT-L-14 state dict, or "openai".
+    vision_pretrained: str | None = None
+
+
+BACKBONE_CONFIGS: dict[str, type[BackboneConfig]] = {
+    "open_clip": OpenClipBackboneConfig,
+    "hf_clip": HfClipBackboneConfig,
+    "blip": BlipBackboneConfig,
+    "blip2": Blip2BackboneConfig,
+}
+
+
+def _backbone_family(value: Any) -> Any:
+    if isinstance(value, dict):
+        return value.get("name", "open_clip")
+    return getattr(value, "name", None)
+
+
+BackboneSection = Annotated[
+    Annotated[OpenClipBackboneConfig, Tag("open_clip")]
+    | Annotated[HfClipBackboneConfig, Tag("hf_clip")]
+    | Annotated[BlipBackboneConfig, Tag("blip")]
+    | Annotated[Blip2BackboneConfig, Tag("blip2")],
+    Discriminator(_backbone_family),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# The other sections
 
 
 class DataConfig(_Section):
@@ -398,8 +367,8 @@ class Recipe(_Section):
     description: str = ""
     seed: int = 0
     device: str = "auto"
-    method: MethodConfig = Field(default_factory=Clip4CirMethod)
-    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    method: MethodField = Field(default_factory=_default_method)
+    backbone: BackboneSection = Field(default_factory=OpenClipBackboneConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     combiner: CombinerConfig = Field(default_factory=CombinerConfig)

@@ -18,9 +18,10 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ValidationError
 
-from cir_cli.config import Recipe
+from cir_cli.config import BACKBONE_CONFIGS, BackboneConfig, MethodSection, Recipe
 from cir_cli.errors import CirError
 from cir_cli.io import read_toml
+from cir_cli.registry import method_config
 
 # --------------------------------------------------------------------------------------------
 # Built-in recipes
@@ -144,8 +145,8 @@ def _members(annotation: Any) -> list[type[BaseModel]]:
     )
 
 
-def _resolve_loc(loc: tuple[Any, ...]) -> tuple[list[str], list[str]]:
-    """(key path without union tags, field names of the section the last key sits in)."""
+def _resolve_loc(loc: tuple[Any, ...], raw: Any) -> tuple[list[str], list[type[BaseModel]]]:
+    """(key path without union tags, the section classes the last key can sit in)."""
     current: list[type[BaseModel]] = [Recipe]
     path: list[str] = []
     for i, part in enumerate(loc):
@@ -161,11 +162,19 @@ def _resolve_loc(loc: tuple[Any, ...]) -> tuple[list[str], list[str]]:
             if tagged:
                 current = tagged
                 continue
-            return path + [str(p) for p in loc[i:]], list(fields)
+            return path + [str(p) for p in loc[i:]], current
         path.append(str(part))
+        raw = raw.get(part) if isinstance(raw, dict) else None
         if i < len(loc) - 1:
             current = _members(fields[part].annotation) or current
-    return path, list(dict.fromkeys(f for m in current for f in m.model_fields))
+            if current == [MethodSection] and isinstance(raw, dict):
+                # [method] is validated by the class registered for its name.
+                current = [method_config(raw.get("name"))]
+    return path, current
+
+
+def _field_names(sections: list[type[BaseModel]]) -> list[str]:
+    return list(dict.fromkeys(f for m in sections for f in m.model_fields))
 
 
 _TYPE_WORDS = {
@@ -202,21 +211,37 @@ _MOVED = {
 }
 
 
-def _describe_error(err: dict[str, Any], source: str) -> str:
+def _describe_error(err: dict[str, Any], source: str, raw: dict[str, Any]) -> str:
     loc = tuple(err["loc"])
     kind = err["type"]
     if kind == "extra_forbidden":
-        path, options = _resolve_loc(loc)
+        path, sections = _resolve_loc(loc, raw)
+        options = _field_names(sections)
         key = ".".join(path)
         if key in _MOVED:
             return f"{source}: '{key}' has moved: use {_MOVED[key]}"
         close = difflib.get_close_matches(str(loc[-1]), options, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(options)}"
         return f"{source}: unknown key '{key}'{hint}"
-    key = ".".join(_resolve_loc(loc)[0])
+    path, sections = _resolve_loc(loc, raw)
+    key = ".".join(path)
+    if kind == "none_required" and len(sections) == 1 and issubclass(sections[0], BackboneConfig):
+        # A key of another backbone family (e.g. blip's image_size under open_clip).
+        owners = [
+            family
+            for family, cls in BACKBONE_CONFIGS.items()
+            if cls.model_fields[path[-1]].annotation is not type(None)
+        ]
+        family = sections[0].model_fields["name"].default
+        return (
+            f"{source}: {key} applies only to backbone.name = "
+            f"{' or '.join(repr(o) for o in owners)} (this recipe's is {family!r})"
+        )
     if kind in ("union_tag_invalid", "union_tag_not_found"):
+        if not isinstance(err.get("input"), dict):
+            return f"{source}: {key} must be {_TYPE_WORDS['model_type']}, got {err.get('input')!r}"
         expected = err.get("ctx", {}).get("expected_tags", "")
-        given = err.get("input", {}).get("name")
+        given = err["input"].get("name")
         return f"{source}: {key}.name = {given!r} is not known; expected one of {expected}"
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
@@ -231,7 +256,7 @@ def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
         # One line: the first problem is reported; fixing it reveals the next.
-        raise CirError(_describe_error(exc.errors()[0], source)) from None
+        raise CirError(_describe_error(exc.errors()[0], source, raw)) from None
 
 
 def load_recipe(

@@ -34,7 +34,9 @@ from cir_cli.backbones import build_backbone
 from cir_cli.engine.tasks import CachedRowsStage, CombinerStage, TripletTrainingTask
 from cir_cli.errors import CirError
 from cir_cli.methods.base import FusedFeatureMethod, memoised_fingerprint, state_fingerprint
+from cir_cli.methods.blip4cir_config import Blip4CirMethodConfig
 from cir_cli.methods.prompts import DIRECTION_TOKENS, directed_text
+from cir_cli.registry import register_method
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -138,6 +140,7 @@ def _ce(logits: torch.Tensor, offset: int) -> torch.Tensor:
 # The method
 
 
+@register_method("blip4cir", config=Blip4CirMethodConfig)
 class Blip4Cir(FusedFeatureMethod):
     name = "blip4cir"
 

@@ -49,12 +49,14 @@ from cir_cli.backbones import build_backbone
 from cir_cli.engine.tasks import CachedRowsStage, TripletTrainingTask
 from cir_cli.errors import CirError
 from cir_cli.methods.base import CIRMethod
+from cir_cli.methods.cala_config import CalaMethodConfig
 from cir_cli.modules.cala_heads import (
     Artemis,
     HingeCrossAttention,
     TwinAttentionCompositor,
     spatial_tokens,
 )
+from cir_cli.registry import register_method
 
 if TYPE_CHECKING:
     from cir_cli.config import Recipe
@@ -89,6 +91,7 @@ def _note(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+@register_method("cala", config=CalaMethodConfig)
 class Cala(CIRMethod):
     name = "cala"
 

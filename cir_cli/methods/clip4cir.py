@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from cir_cli.backbones import build_backbone
 from cir_cli.engine.tasks import CombinerStage, TripletTrainingTask
 from cir_cli.methods.base import FusedFeatureMethod
+from cir_cli.methods.clip4cir_config import Clip4CirMethodConfig
+from cir_cli.registry import register_method
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from cir_cli.config import Recipe
 
 
+@register_method("clip4cir", config=Clip4CirMethodConfig)
 class Clip4Cir(FusedFeatureMethod):
     name = "clip4cir"
 

@@ -35,7 +35,9 @@ from cir_cli.backbones.pseudo_tokens import (
 )
 from cir_cli.errors import CirError
 from cir_cli.methods.base import CIRMethod, state_fingerprint
+from cir_cli.methods.lincir_config import LinCirMethodConfig
 from cir_cli.modules.phi import Phi
+from cir_cli.registry import register_method
 
 if TYPE_CHECKING:
     from cir_cli.config import Recipe
@@ -48,6 +50,7 @@ def _strip_fiq(text: str) -> str:
     return text.strip(".?, ")
 
 
+@register_method("lincir", config=LinCirMethodConfig)
 class LinCir(CIRMethod):
     name = "lincir"
 

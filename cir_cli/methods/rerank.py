@@ -39,7 +39,9 @@ from cir_cli.backbones import build_backbone
 from cir_cli.engine.tasks import CachedRowsStage, TripletTrainingTask
 from cir_cli.errors import CirError
 from cir_cli.methods.base import CIRMethod, memoised_fingerprint
+from cir_cli.methods.rerank_config import RerankMethodConfig
 from cir_cli.modules.dual_encoder import DualEncoderConfig, DualEncoderScorer, init_from_bert
+from cir_cli.registry import register_method
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
 _PAD_SCORE = -math.inf
 
 
+@register_method("rerank", config=RerankMethodConfig)
 class Rerank(CIRMethod):
     name = "rerank"
 

@@ -34,7 +34,9 @@ from cir_cli.backbones import build_backbone
 from cir_cli.engine.tasks import CachedRowsStage, TripletTrainingTask
 from cir_cli.errors import CirError
 from cir_cli.methods.base import CIRMethod
+from cir_cli.methods.sprc_config import SprcMethodConfig
 from cir_cli.ranking import max_over_tokens_score
+from cir_cli.registry import register_method
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -58,6 +60,7 @@ def blip_caption(text: str, max_words: int = 50) -> str:
     return " ".join(words[:max_words]) if len(words) > max_words else text
 
 
+@register_method("sprc", config=SprcMethodConfig)
 class Sprc(CIRMethod):
     name = "sprc"
 
