@@ -60,8 +60,8 @@ def _unknown(name: str) -> CirError:
 
 
 def register_method(name: str, *, config: type[MethodSection]) -> Callable[[type[T]], type[T]]:
-    """Class decorator: make `cls` the method `name`, its [method] section validated by `config`
-    (a `cir_cli.config.MethodSection` whose `name` is `Literal[name]`)."""
+    """Class decorator: make `cls` the method `name` (sets `cls.name`), its [method] section
+    validated by `config` (a `cir_cli.config.MethodSection` whose `name` is `Literal[name]`)."""
 
     def decorate(cls: type[T]) -> type[T]:
         builtin = BUILTIN_METHODS.get(name)
@@ -73,6 +73,7 @@ def register_method(name: str, *, config: type[MethodSection]) -> Callable[[type
         if previous is not None and _qualified(previous[0]) != _qualified(cls):
             raise ValueError(f"method '{name}' is already registered by {_qualified(previous[0])}")
         _REGISTERED[name] = (cls, config)
+        cls.name = name  # type: ignore[attr-defined]  # what manifests and messages call it
         return cls
 
     return decorate

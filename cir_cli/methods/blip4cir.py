@@ -142,8 +142,6 @@ def _ce(logits: torch.Tensor, offset: int) -> torch.Tensor:
 
 @register_method("blip4cir", config=Blip4CirMethodConfig)
 class Blip4Cir(FusedFeatureMethod):
-    name = "blip4cir"
-
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe)
         if recipe.backbone.name != "blip":

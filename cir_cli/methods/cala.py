@@ -93,8 +93,6 @@ def _note(message: str) -> None:
 
 @register_method("cala", config=CalaMethodConfig)
 class Cala(CIRMethod):
-    name = "cala"
-
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe)
         self.cfg = recipe.method

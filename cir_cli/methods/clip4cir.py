@@ -26,8 +26,6 @@ if TYPE_CHECKING:
 
 @register_method("clip4cir", config=Clip4CirMethodConfig)
 class Clip4Cir(FusedFeatureMethod):
-    name = "clip4cir"
-
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe)
         self.backbone = build_backbone(recipe.backbone)

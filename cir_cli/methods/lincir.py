@@ -52,8 +52,6 @@ def _strip_fiq(text: str) -> str:
 
 @register_method("lincir", config=LinCirMethodConfig)
 class LinCir(CIRMethod):
-    name = "lincir"
-
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe)
         cfg = recipe.method

@@ -57,8 +57,6 @@ _PAD_SCORE = -math.inf
 
 @register_method("rerank", config=RerankMethodConfig)
 class Rerank(CIRMethod):
-    name = "rerank"
-
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe)
         if recipe.backbone.name != "blip":

@@ -62,8 +62,6 @@ def blip_caption(text: str, max_words: int = 50) -> str:
 
 @register_method("sprc", config=SprcMethodConfig)
 class Sprc(CIRMethod):
-    name = "sprc"
-
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe)
         if recipe.backbone.name != "blip2":
