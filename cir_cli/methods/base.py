@@ -67,6 +67,8 @@ class CIRMethod(nn.Module):
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
         self.recipe = recipe
+        # This method's own [method] section (the class it registered), read as self.cfg.
+        self.cfg = recipe.method
         self._transform = None
 
     # -- preprocessing ---------------------------------------------------------------------
@@ -222,7 +224,7 @@ class FusedFeatureMethod(CIRMethod):
         """Normalised query features from raw reference-image and text features, by
         `method.combining`: the Combiner when one is loaded ("auto") or required ("combiner"),
         else the element-wise sum."""
-        mode = self.recipe.method.combining
+        mode = self.cfg.combining
         if mode == "combiner" and self.combiner is None:
             from cir_cli.errors import CirError
 
@@ -235,7 +237,7 @@ class FusedFeatureMethod(CIRMethod):
         return torch.nn.functional.normalize(reference + text, dim=-1)
 
     def combining_in_use(self) -> str:
-        sum_only = self.recipe.method.combining == "sum"
+        sum_only = self.cfg.combining == "sum"
         return "combiner" if self.combiner is not None and not sum_only else "sum"
 
     def add_combiner(self) -> None:

@@ -142,6 +142,8 @@ def _ce(logits: torch.Tensor, offset: int) -> torch.Tensor:
 
 @register_method("blip4cir", config=Blip4CirMethodConfig)
 class Blip4Cir(FusedFeatureMethod):
+    cfg: Blip4CirMethodConfig
+
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe)
         if recipe.backbone.name != "blip":
@@ -149,7 +151,7 @@ class Blip4Cir(FusedFeatureMethod):
                 f"method blip4cir needs backbone.name = 'blip' (got '{recipe.backbone.name}')"
             )
         self.backbone = build_backbone(recipe.backbone)
-        self.prompts = recipe.method.prompts
+        self.prompts = self.cfg.prompts
         if self.prompts == "token":
             # Real tokens, initialised where the compat prompt starts ("[", "forward", "]").
             tokens = tuple(DIRECTION_TOKENS.values())
@@ -162,7 +164,7 @@ class Blip4Cir(FusedFeatureMethod):
             )
         # Created by stage II or by loading a checkpoint that holds Combiner weights.
         self.combiner = None
-        self.logit_scale = recipe.method.logit_scale
+        self.logit_scale = self.cfg.logit_scale
 
     @property
     def image_size(self) -> int:

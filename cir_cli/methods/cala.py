@@ -93,9 +93,10 @@ def _note(message: str) -> None:
 
 @register_method("cala", config=CalaMethodConfig)
 class Cala(CIRMethod):
+    cfg: CalaMethodConfig
+
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe)
-        self.cfg = recipe.method
         family = recipe.backbone.name
         if family not in ("blip2", "open_clip"):
             raise CirError(

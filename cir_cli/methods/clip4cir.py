@@ -26,12 +26,14 @@ if TYPE_CHECKING:
 
 @register_method("clip4cir", config=Clip4CirMethodConfig)
 class Clip4Cir(FusedFeatureMethod):
+    cfg: Clip4CirMethodConfig
+
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe)
         self.backbone = build_backbone(recipe.backbone)
         # Created by stage II or by loading a checkpoint that holds Combiner weights.
         self.combiner = None
-        self.logit_scale = recipe.method.logit_scale
+        self.logit_scale = self.cfg.logit_scale
         # Which towers are being trained right now (set by the trainer): a trainable image
         # tower must not be served from the feature cache.
         self.image_tower_trainable = False

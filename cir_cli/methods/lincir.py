@@ -52,10 +52,11 @@ def _strip_fiq(text: str) -> str:
 
 @register_method("lincir", config=LinCirMethodConfig)
 class LinCir(CIRMethod):
+    cfg: LinCirMethodConfig
+
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe)
-        cfg = recipe.method
-        self.cfg = cfg
+        cfg = self.cfg
         self.backbone = build_backbone(recipe.backbone)
         check_placeholder_id(self.backbone.tokenizer)
         if PLACEHOLDER not in cfg.prompt:

@@ -57,6 +57,8 @@ _PAD_SCORE = -math.inf
 
 @register_method("rerank", config=RerankMethodConfig)
 class Rerank(CIRMethod):
+    cfg: RerankMethodConfig
+
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe)
         if recipe.backbone.name != "blip":
@@ -76,7 +78,7 @@ class Rerank(CIRMethod):
         if pretrained and _is_blip_file(pretrained):
             self._load_temp(pretrained)
         text_config = self.backbone.text_encoder.config
-        dual = DualEncoderConfig.from_text_config(text_config, recipe.method.merge_from_layer)
+        dual = DualEncoderConfig.from_text_config(text_config, self.cfg.merge_from_layer)
         self.scorer = DualEncoderScorer(dual)
         # Both branches start from the pre-trained BERT (model_base.pth's text_encoder), not
         # from stage I's fine-tuned one (spec 5): the backbone holds model_base right now.
@@ -87,7 +89,7 @@ class Rerank(CIRMethod):
         # Stage I turns re-ranking off for its own validations.
         self.rerank_disabled = False
         self.representation_dtype = (
-            torch.float16 if recipe.method.token_precision == "fp16" else torch.float32
+            torch.float16 if self.cfg.token_precision == "fp16" else torch.float32
         )
         self.enc_token_id = self.backbone.tokenizer.convert_tokens_to_ids("[ENC]")
 
@@ -139,7 +141,7 @@ class Rerank(CIRMethod):
 
     def image_cache_key(self) -> str | None:
         weights = memoised_fingerprint(self.backbone.vision_model)
-        precision = self.recipe.method.token_precision
+        precision = self.cfg.token_precision
         return f"blip-tokens-{self.backbone.arch}-{weights}-{self.preprocessing_id()}-{precision}"
 
     def queries_from_representation(

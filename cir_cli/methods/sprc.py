@@ -62,13 +62,14 @@ def blip_caption(text: str, max_words: int = 50) -> str:
 
 @register_method("sprc", config=SprcMethodConfig)
 class Sprc(CIRMethod):
+    cfg: SprcMethodConfig
+
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe)
         if recipe.backbone.name != "blip2":
             raise CirError(
                 f"method sprc needs backbone.name = 'blip2' (got {recipe.backbone.name!r})"
             )
-        self.cfg = recipe.method
         self.backbone = build_backbone(recipe.backbone)
         nq, hidden = self.backbone.num_query_tokens, self.backbone.hidden_size
         if self.cfg.max_text_length + nq > self.backbone.qformer.config.max_position_embeddings:
