@@ -31,18 +31,20 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cir_cli.backbones import build_backbone
+from cir_cli.data.base import Triplet, caption_variants
 from cir_cli.engine.tasks import CachedRowsStage, CombinerStage, TripletTrainingTask
 from cir_cli.errors import CirError
 from cir_cli.methods.base import FusedFeatureMethod, memoised_fingerprint, state_fingerprint
 from cir_cli.methods.blip4cir_config import Blip4CirMethodConfig
 from cir_cli.methods.prompts import DIRECTION_TOKENS, directed_text
+from cir_cli.modules.combiner import CombinerParts
 from cir_cli.registry import register_method
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from cir_cli.config import Recipe
-    from cir_cli.data.base import CIRSplit, Triplet
+    from cir_cli.data.base import CIRSplit
     from cir_cli.modules.combiner import Combiner
 
 
@@ -106,8 +108,6 @@ def reversed_combiner_logits(
     is checkpointed, so autograd keeps no (chunk, N, H) activations between chunks (dropout masks
     are replayed exactly).
     """
-    from cir_cli.modules.combiner import CombinerParts
-
     image = combiner.project_image(targets).unsqueeze(0)  # (1, N, ·)
     text = combiner.project_text(backward_text)  # (B, ·)
     r_hat = F.normalize(reference, dim=-1)
@@ -189,8 +189,6 @@ class Blip4Cir(FusedFeatureMethod):
 
     def forward_texts(self, captions: list[str]) -> list[str]:
         """Plain modification texts -> the forward-marked texts this model reads."""
-        from cir_cli.data.base import Triplet
-
         return [
             self.direction_text(Triplet("", "", None, (c,)), "verbatim", "forward")
             for c in captions
@@ -386,8 +384,6 @@ class Blip4CirCombinerTraining(CombinerStage, _DirectedTask):
         if model.combiner is None:
             model.add_combiner()
             model.combiner.to(device)
-        from cir_cli.data.base import caption_variants
-
         self.rows, self.image_feats = self.train_image_features()
         per_direction: dict[str, list[list[str]]] = {"forward": [], "backward": []}
         for t in self.split.triplets:

@@ -13,9 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from cir_cli.backbones import build_backbone
+from cir_cli.checkpoints import extract_state_dict, load_torch_checkpoint
+from cir_cli.data.images import ImageFiles
 from cir_cli.engine.tasks import CombinerStage, TripletTrainingTask
+from cir_cli.errors import CirError
 from cir_cli.methods.base import FusedFeatureMethod
 from cir_cli.methods.clip4cir_config import Clip4CirMethodConfig
+from cir_cli.progress import progress_bar
 from cir_cli.registry import register_method
 
 if TYPE_CHECKING:
@@ -70,9 +74,6 @@ class Clip4Cir(FusedFeatureMethod):
         strictly into the backbone) and `{'epoch', 'Combiner': state_dict}`. Our own
         checkpoints load through `CIRMethod.load_checkpoint`; a Combiner checkpoint of ours
         names the stage-I checkpoint it was trained on, which is loaded first."""
-        from cir_cli.checkpoints import extract_state_dict, load_torch_checkpoint
-        from cir_cli.errors import CirError
-
         ckpt = load_torch_checkpoint(file)
         if "Combiner" in ckpt:
             self.import_combiner(ckpt, file)
@@ -121,9 +122,6 @@ class Clip4CirFinetune(TripletTrainingTask):
     def train_pixels(self) -> tuple[dict[str, int], torch.Tensor]:
         """Preprocessed pixels of every training image, decoded once through the cache."""
         from torch.utils.data import DataLoader
-
-        from cir_cli.data.images import ImageFiles
-        from cir_cli.progress import progress_bar
 
         names = self.split.image_names()
 

@@ -33,10 +33,15 @@ from cir_cli.backbones.pseudo_tokens import (
     token_width_of,
     tokenize_pieces,
 )
+from cir_cli.checkpoints import load_state_dict_strict
+from cir_cli.data.text_corpus import corpus_digest
 from cir_cli.errors import CirError
+from cir_cli.evaluation import evaluate
+from cir_cli.io import read_json, write_text_atomic
 from cir_cli.methods.base import CIRMethod, state_fingerprint
 from cir_cli.methods.lincir_config import LinCirMethodConfig
 from cir_cli.modules.phi import Phi
+from cir_cli.progress import progress_bar
 from cir_cli.registry import register_method
 
 if TYPE_CHECKING:
@@ -215,8 +220,6 @@ class LinCir(CIRMethod):
                 f"{file}: Phi maps {published.input_dim} -> {published.output_dim}, but this "
                 f"backbone needs {own[0]} -> {own[1]} (wrong backbone for the checkpoint?)"
             )
-        from cir_cli.checkpoints import load_state_dict_strict
-
         load_state_dict_strict(self.phi, published.state_dict(), str(file))
 
     def export_phi(self, path: str | Path, ema: bool | None = None, epoch: int = 0) -> Path:
@@ -256,17 +259,12 @@ class CaptionFeatureStore:
     def done(self) -> int:
         if not (self.progress_path.is_file() and self.array_path.is_file()):
             return 0
-        from cir_cli.io import read_json
-
         info = read_json(self.progress_path, "text-feature progress file", dict)
         if info.get("key") != self.key or info.get("rows") != self.rows:
             return 0
         return int(info.get("done", 0))
 
     def fill(self, encode, texts: list[str], chunk: int, description: str) -> None:
-        from cir_cli.io import write_text_atomic
-        from cir_cli.progress import progress_bar
-
         self.folder.mkdir(parents=True, exist_ok=True)
         start = self.done()
         if start >= self.rows:
@@ -334,8 +332,6 @@ class LinCirFinetune:
     # -- data --------------------------------------------------------------------------------
 
     def _text_key(self) -> str:
-        from cir_cli.data.text_corpus import corpus_digest
-
         backbone = self.model.backbone
         text_module = getattr(backbone, "text_module", None)
         if text_module is not None:
@@ -492,8 +488,6 @@ class LinCirFinetune:
     def evaluate(self) -> dict[str, float]:
         if not self.val_splits:
             return {}
-        from cir_cli.evaluation import evaluate
-
         result = evaluate(
             self.model,
             self.val_splits,

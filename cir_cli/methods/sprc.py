@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cir_cli.backbones import build_backbone
+from cir_cli.checkpoints import extract_state_dict, load_torch_checkpoint
 from cir_cli.engine.tasks import CachedRowsStage, TripletTrainingTask
 from cir_cli.errors import CirError
 from cir_cli.methods.base import CIRMethod
@@ -177,8 +178,6 @@ class Sprc(CIRMethod):
         Published files are converted with the spec's key map and loaded strictly; the only
         tolerated differences are printed (LM head, position_ids buffer; the ViT if absent).
         """
-        from cir_cli.checkpoints import extract_state_dict, load_torch_checkpoint
-
         ckpt = load_torch_checkpoint(file)
         key = next((k for k in (SPRC_CHECKPOINT_KEY, "model", "state_dict") if k in ckpt), None)
         if key is not None:
