@@ -18,15 +18,10 @@ This module sits at the bottom of the package (standard library and `errors` onl
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from cir_cli.errors import CirError
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from cir_cli.config import MethodSection
-    from cir_cli.methods.base import CIRMethod
 
 T = TypeVar("T")
 
@@ -41,8 +36,10 @@ BUILTIN_METHODS: dict[str, tuple[str, str]] = {
     "rerank": (_M + "rerank:Rerank", _M + "rerank_config:RerankMethodConfig"),
 }
 
-# Methods whose class has been registered (built-ins once imported, plugins when imported).
-_REGISTERED: dict[str, tuple[type, type[MethodSection]]] = {}
+# Methods whose class has been registered (built-ins once imported, plugins when imported):
+# name -> (the CIRMethod subclass, its MethodSection subclass). Typed loosely: this module
+# sits below both and imports neither.
+_REGISTERED: dict[str, tuple[type, type]] = {}
 
 
 def _import(target: str) -> Any:
@@ -59,9 +56,16 @@ def _unknown(name: str) -> CirError:
     return CirError(f"unknown method '{name}'; known: {', '.join(sorted(method_names()))}")
 
 
-def register_method(name: str, *, config: type[MethodSection]) -> Callable[[type[T]], type[T]]:
+def register_method(name: str, *, config: type) -> Callable[[type[T]], type[T]]:
     """Class decorator: make `cls` the method `name` (sets `cls.name`), its [method] section
     validated by `config` (a `cir_cli.config.MethodSection` whose `name` is `Literal[name]`)."""
+
+    field = getattr(config, "model_fields", {}).get("name")
+    if field is None or field.default != name:
+        # Otherwise `[method] name = "<name>"` would fail validation with a puzzling message.
+        raise ValueError(
+            f"method '{name}': {config.__qualname__} needs `name: Literal[{name!r}] = {name!r}`"
+        )
 
     def decorate(cls: type[T]) -> type[T]:
         builtin = BUILTIN_METHODS.get(name)
@@ -83,7 +87,7 @@ def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def method_config(name: str) -> type[MethodSection]:
+def method_config(name: str) -> type:
     """The [method] section class of `name` (imports no method code for built-ins)."""
     if name in _REGISTERED:
         return _REGISTERED[name][1]
@@ -92,7 +96,7 @@ def method_config(name: str) -> type[MethodSection]:
     raise _unknown(name)
 
 
-def method_class(name: str) -> type[CIRMethod]:
+def method_class(name: str) -> type:
     """The method class of `name`; a built-in's module is imported (and registers) on lookup."""
     if name not in _REGISTERED and name in BUILTIN_METHODS:
         _import(BUILTIN_METHODS[name][0])

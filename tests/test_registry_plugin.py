@@ -9,11 +9,13 @@ import json
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Literal
 
 import pytest
 import torch
 
 from cir_cli import registry
+from cir_cli.config import MethodSection
 from cir_cli.errors import CirError
 from cir_cli.methods import build_method, method_class
 from cir_cli.recipes import load_recipe, validate_recipe
@@ -85,8 +87,14 @@ def test_plugin_method_builds_encodes_and_scores(plugin: ModuleType, tmp_path: P
 
 
 def test_a_plugin_cannot_take_a_builtin_name(plugin: ModuleType) -> None:
+    with pytest.raises(ValueError, match="ThrowawayConfig needs `name: Literal\\['other'\\]"):
+        registry.register_method("other", config=plugin.ThrowawayConfig)
+
+    class Impostor(MethodSection):
+        name: Literal["clip4cir"] = "clip4cir"
+
     with pytest.raises(ValueError, match="method 'clip4cir' is built in"):
-        registry.register_method("clip4cir", config=plugin.ThrowawayConfig)(plugin.Throwaway)
+        registry.register_method("clip4cir", config=Impostor)(plugin.Throwaway)
     with pytest.raises(ValueError, match="'throwaway' is already registered by throwaway_method"):
 
         @registry.register_method("throwaway", config=plugin.ThrowawayConfig)
