@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cir_cli.backbones import build_backbone
+from cir_cli.checkpoints import extract_state_dict, load_state_dict_strict, load_torch_checkpoint
 from cir_cli.data.base import Triplet, caption_variants
 from cir_cli.engine.tasks import CachedRowsStage, CombinerStage, TripletTrainingTask
 from cir_cli.errors import CirError
@@ -221,12 +222,6 @@ class Blip4Cir(FusedFeatureMethod):
         only `optimizer_state_dict` and `position_ids` are ignored. BLIP's `model_base.pth`
         (`{'model': ...}`) loads the two towers.
         """
-        from cir_cli.checkpoints import (
-            extract_state_dict,
-            load_state_dict_strict,
-            load_torch_checkpoint,
-        )
-
         ckpt = load_torch_checkpoint(file)
         if "BLIPTextEncoder" in ckpt:
             state = extract_state_dict(ckpt, "BLIPTextEncoder", file)

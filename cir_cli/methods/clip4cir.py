@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from cir_cli.backbones import build_backbone
 from cir_cli.checkpoints import extract_state_dict, load_torch_checkpoint
@@ -121,8 +122,6 @@ class Clip4CirFinetune(TripletTrainingTask):
 
     def train_pixels(self) -> tuple[dict[str, int], torch.Tensor]:
         """Preprocessed pixels of every training image, decoded once through the cache."""
-        from torch.utils.data import DataLoader
-
         names = self.split.image_names()
 
         def compute(chunk: list[str]) -> torch.Tensor:

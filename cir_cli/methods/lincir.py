@@ -16,7 +16,9 @@ kept in an on-disk store (the seeds encoded it again at every step, spec 6.11).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +36,7 @@ from cir_cli.backbones.pseudo_tokens import (
     tokenize_pieces,
 )
 from cir_cli.checkpoints import load_state_dict_strict
+from cir_cli.data import text_corpus
 from cir_cli.data.text_corpus import corpus_digest
 from cir_cli.errors import CirError
 from cir_cli.evaluation import evaluate
@@ -248,8 +251,6 @@ class CaptionFeatureStore:
     """
 
     def __init__(self, root: Path, key: str, rows: int, dim: int) -> None:
-        import hashlib
-
         self.folder = Path(root) / "lincir-captions" / hashlib.sha256(key.encode()).hexdigest()[:32]
         self.key, self.rows, self.dim = key, rows, dim
         self.dtype = np.float32 if rows * dim * 4 <= 4 * 2**30 else np.float16
@@ -298,8 +299,6 @@ class LinCirFinetune:
     stage = "finetune"
 
     def __init__(self, model: LinCir, device: torch.device) -> None:
-        from cir_cli.data import text_corpus
-
         self.model = model
         self.recipe = model.recipe
         self.device = device
@@ -385,8 +384,6 @@ class LinCirFinetune:
         data = self.recipe.data
         metric = selection_metric(self.recipe)
         if not Path(data.root).expanduser().exists():
-            import warnings
-
             warnings.warn(
                 f"data.root {data.root} does not exist: training Phi without validation "
                 "(no `best` checkpoint; set data.root to validate, e.g. on CIRR val as LinCIR)",
