@@ -100,3 +100,25 @@ def test_a_plugin_cannot_take_a_builtin_name(plugin: ModuleType) -> None:
         @registry.register_method("throwaway", config=plugin.ThrowawayConfig)
         class Another(plugin.Throwaway):
             pass
+
+
+def test_builtin_method_sections_load_without_torch() -> None:
+    """Recipes validate (`cir recipes show`, dry runs) without importing any method's code."""
+    import subprocess
+
+    code = (
+        "import sys; from cir_cli import registry\n"
+        "for name in registry.BUILTIN_METHODS:\n"
+        "    assert registry.method_config(name).model_fields['name'].default == name\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('cir_cli.methods.')"
+        " and not m.endswith('_config')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", sorted(registry.BUILTIN_METHODS))
+def test_builtin_method_registers_the_listed_section(name: str) -> None:
+    cls = method_class(name)
+    assert cls.name == name
+    assert registry._REGISTERED[name] == (cls, registry.method_config(name))
