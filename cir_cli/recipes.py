@@ -4,7 +4,8 @@ A recipe picks the method, backbone and dataset and holds every hyper-parameter 
 the single source of truth: every run writes the resolved recipe into its manifest. The schema
 (the sections and their keys) is `cir_cli.config`.
 
-This module imports only the standard library and pydantic, so `cir recipes list` stays fast.
+It imports only the standard library, pydantic and light cir_cli modules (no torch), so `cir
+recipes list`, `show` and dry runs stay fast.
 """
 
 from __future__ import annotations
