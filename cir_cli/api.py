@@ -13,8 +13,9 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cir_cli.config import Recipe
 from cir_cli.errors import CirError
-from cir_cli.recipes import Recipe, load_recipe
+from cir_cli.recipes import load_recipe
 
 if TYPE_CHECKING:
     import torch

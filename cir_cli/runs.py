@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from cir_cli import __version__
+from cir_cli.config import Recipe
 from cir_cli.io import write_json_atomic
-from cir_cli.recipes import Recipe
 
 _PACKAGES = ("torch", "torchvision", "open_clip_torch", "transformers", "numpy", "pandas")
 

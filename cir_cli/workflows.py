@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cir_cli.config import Recipe
 from cir_cli.data import get_dataset, submission_benchmark
 from cir_cli.errors import CirError
 from cir_cli.io import refuse_blocked_folder, write_json_atomic
-from cir_cli.recipes import Recipe
 
 if TYPE_CHECKING:
     from cir_cli.engine.trainer import TrainSettings

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cir_cli.config import BackboneConfig
 from cir_cli.errors import CirError
-from cir_cli.recipes import BackboneConfig
 
 
 def _build(arch: str = "cir-tiny", pretrained: str | None = None):

@@ -213,7 +213,7 @@ def test_unknown_and_missing_keys_are_errors(tiny_tokenizer) -> None:
 def test_lavis_pretrain_file_without_vit_needs_vision_weights(tmp_path, tiny_tokenizer) -> None:
     """blip2_pretrained.pth holds no ViT (LAVIS drops frozen params): Q-Former from it, ViT from
     vision_pretrained (an eva_vit_g.pth-style file with one block more than BLIP-2 keeps)."""
-    from cir_cli.recipes import BackboneConfig
+    from cir_cli.config import BackboneConfig
 
     full = lavis_layout("blip2-tiny", len(tiny_tokenizer), prompt_tokens=False, seed=3)
     pretrain = {k: v for k, v in full.items() if not k.startswith("visual_encoder.")}

@@ -20,8 +20,8 @@ from torch import nn
 from cir_cli.backbones import blip
 from cir_cli.backbones.blip import ARCHS, BlipBackbone, convert_blip_state, interpolate_pos_embed
 from cir_cli.checkpoints import sha1_file
+from cir_cli.config import BackboneConfig
 from cir_cli.errors import CirError
-from cir_cli.recipes import BackboneConfig
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")

@@ -177,7 +177,7 @@ def test_rn50x4_hooks_equal_open_clip_and_a_manual_forward() -> None:
     """RN50x4 (random weights): the hooked map is layer4's output, (B, 2560, 9, 9) at 288 px,
     the globals are encode_image / encode_text's, the text sequence is ln_final's output."""
     from cir_cli.backbones.open_clip_towers import OpenClipBackbone
-    from cir_cli.recipes import BackboneConfig
+    from cir_cli.config import BackboneConfig
 
     torch.manual_seed(0)
     bb = OpenClipBackbone.from_config(BackboneConfig(arch="RN50x4", pretrained=None))

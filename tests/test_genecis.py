@@ -26,7 +26,7 @@ class GreyMethod(CIRMethod):
     name = "grey"
 
     def __init__(self) -> None:
-        from cir_cli.recipes import Recipe
+        from cir_cli.config import Recipe
 
         super().__init__(Recipe.model_validate({"data": {"transform": "squarepad"}}))
         self.anchor = torch.nn.Parameter(torch.zeros(1))

@@ -32,8 +32,8 @@ pytestmark = pytest.mark.lavis
 lavis = pytest.importorskip("lavis", reason="salesforce-lavis is not installed (tox -e lavis)")
 
 from cir_cli.backbones.blip import BlipBackbone  # noqa: E402
+from cir_cli.config import BackboneConfig  # noqa: E402
 from cir_cli.methods.prompts import compat_prepend  # noqa: E402
-from cir_cli.recipes import BackboneConfig  # noqa: E402
 from tests.conftest import bert_vocab_file  # noqa: E402
 
 TOL = 1e-5

@@ -23,9 +23,10 @@ from cir_cli.backbones.pseudo_tokens import (
     token_embedding_of,
     tokenize_pieces,
 )
+from cir_cli.config import BackboneConfig
 from cir_cli.data import text_corpus
 from cir_cli.errors import CirError
-from cir_cli.recipes import BackboneConfig, load_recipe
+from cir_cli.recipes import load_recipe
 
 PROMPT = "a photo of $ that {caption}"
 

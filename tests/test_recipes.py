@@ -126,3 +126,51 @@ def test_c4c_recipes_carry_the_seeds_hyper_parameters() -> None:
             2e-5, 4096, 300, 2560, 5120)
         assert cb.dropout == 0.5
         assert r.method.logit_scale == 100
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["backbone.image_size=384"], "backbone.image_size applies only to backbone.name = 'blip' "
+         "(this recipe's is 'open_clip')"),
+        (["backbone.sha1=abc"], "backbone.sha1 applies only to backbone.name = 'blip'"),
+        (['backbone.name="hf_clip"', "backbone.tokenizer=vocab.txt"],
+         "backbone.tokenizer applies only to backbone.name = 'blip' or 'blip2' (this recipe's is "
+         "'hf_clip')"),
+        (['backbone.name="blip"', "backbone.vision_pretrained=x.pth"],
+         "backbone.vision_pretrained applies only to backbone.name = 'blip2'"),
+        (['backbone.name="blip3"'], "backbone.name = 'blip3' is not known; expected one of "
+         "'open_clip', 'hf_clip', 'blip', 'blip2'"),
+        (["backbone.precison=fp16"], "unknown key 'backbone.precison'; did you mean 'precision'?"),
+        (["backbone=3"], "backbone must be a table (section), got 3"),
+    ],
+)
+def test_backbone_keys_belong_to_their_family(overrides: list[str], expected: str) -> None:
+    with pytest.raises(CirError) as err:
+        load_recipe("toy_clip4cir", overrides)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_backbone_config_builds_the_class_of_its_family() -> None:
+    from cir_cli.config import BackboneConfig, Blip2BackboneConfig, OpenClipBackboneConfig
+
+    blip2 = BackboneConfig(name="blip2", arch="blip2-tiny", vision_pretrained="v.pth")
+    assert type(blip2) is Blip2BackboneConfig and blip2.vision_pretrained == "v.pth"
+    assert type(BackboneConfig(arch="cir-tiny")) is OpenClipBackboneConfig
+    assert load_recipe("toy_blip4cir", ["backbone.image_size=64"]).backbone.image_size == 64
+
+
+@pytest.mark.parametrize("name", builtin_names())
+def test_resolved_recipe_round_trips_through_its_manifest(name: str) -> None:
+    """Manifests hold the resolved recipe as JSON, unset keys (other families' too) as null."""
+    import json
+
+    from cir_cli.recipes import validate_recipe
+
+    recipe = load_recipe(name)
+    manifest = json.loads(json.dumps(recipe.to_dict()))
+    assert set(manifest["backbone"]) == {
+        "name", "arch", "pretrained", "precision", "image_size", "tokenizer",
+        "vision_pretrained", "sha1",
+    }
+    assert validate_recipe(manifest, "manifest") == recipe

@@ -256,7 +256,7 @@ def test_recipes_show_prints_every_switch_with_its_value() -> None:
     from typer.testing import CliRunner
 
     from cir_cli.cli import app
-    from cir_cli.recipes import FixesConfig
+    from cir_cli.config import FixesConfig
 
     runner = CliRunner()
     shown = runner.invoke(app, ["recipes", "show", "sprc_cirr", "--set", "fixes.amp_auto=true"])
@@ -329,7 +329,7 @@ def test_open_clip_towers_equal_hf_clip_on_the_same_weights() -> None:
     from cir_cli.backbones import build_backbone
     from cir_cli.backbones.hf_clip import HfClipBackbone
     from cir_cli.backbones.pseudo_tokens import encode_with_pseudo_tokens, tokenize_pieces
-    from cir_cli.recipes import BackboneConfig
+    from cir_cli.config import BackboneConfig
 
     torch.manual_seed(0)
     oc = build_backbone(BackboneConfig(name="open_clip", arch="cir-tiny", pretrained=None))

@@ -193,8 +193,8 @@ def test_fashioniq_metrics_grid(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_blip2_missing_local_path_says_not_found(tmp_path: Path) -> None:
     from cir_cli.backbones.blip2 import Blip2Backbone
+    from cir_cli.config import BackboneConfig
     from cir_cli.errors import CirError
-    from cir_cli.recipes import BackboneConfig
 
     for path in ("models/blip2_pretrained_vitL.pth", str(tmp_path / "no" / "blip2-itm-vit-g")):
         cfg = BackboneConfig(name="blip2", arch="blip2-tiny", pretrained=path)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from cir_cli.errors import CirError
 
 if TYPE_CHECKING:
-    from cir_cli.recipes import BackboneConfig
+    from cir_cli.config import BackboneConfig
 
 BACKBONES: dict[str, str] = {
     "open_clip": "cir_cli.backbones.open_clip_towers:OpenClipBackbone",

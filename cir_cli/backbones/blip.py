@@ -40,7 +40,7 @@ from cir_cli.checkpoints import check_sha1, load_state_dict_strict, load_torch_c
 from cir_cli.errors import CirError
 
 if TYPE_CHECKING:
-    from cir_cli.recipes import BackboneConfig
+    from cir_cli.config import BlipBackboneConfig
 
 # BLIP's tokenizer additions (spec 3.1): bos "[DEC]" (id 30522) and "[ENC]" (id 30523).
 DEC_TOKEN = "[DEC]"
@@ -407,7 +407,7 @@ class BlipBackbone(nn.Module):
         )
 
     @classmethod
-    def from_config(cls, config: BackboneConfig) -> BlipBackbone:
+    def from_config(cls, config: BlipBackboneConfig) -> BlipBackbone:
         pretrained = config.pretrained or None
         if pretrained and _is_hf_source(pretrained):
             backbone = cls.from_transformers(pretrained, config.image_size, config.tokenizer)

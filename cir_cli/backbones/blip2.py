@@ -54,7 +54,7 @@ from cir_cli.checkpoints import load_state_dict_strict, load_torch_checkpoint
 from cir_cli.errors import CirError
 
 if TYPE_CHECKING:
-    from cir_cli.recipes import BackboneConfig
+    from cir_cli.config import Blip2BackboneConfig
 
 # Q-Former settings shared by every real BLIP-2 (spec 0.2): bert-base + [DEC] = 30523 rows.
 _QFORMER_BASE = {
@@ -454,7 +454,7 @@ class Blip2Backbone(QFormerPaths, nn.Module):
     # -- construction --------------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, config: BackboneConfig) -> Blip2Backbone:
+    def from_config(cls, config: Blip2BackboneConfig) -> Blip2Backbone:
         arch = config.arch
         if arch not in ARCHS:
             raise CirError(f"backbone.arch '{arch}' is not a BLIP-2 arch; known: {_known()}")

@@ -26,7 +26,7 @@ from torch import nn
 from cir_cli.errors import CirError
 
 if TYPE_CHECKING:
-    from cir_cli.recipes import BackboneConfig
+    from cir_cli.config import HfClipBackboneConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 BUILTIN = {"cir-tiny-hf": CONFIG_DIR / "cir-tiny-hf.json"}
@@ -93,7 +93,7 @@ class HfClipBackbone(nn.Module):
         )
 
     @classmethod
-    def from_config(cls, config: BackboneConfig) -> HfClipBackbone:
+    def from_config(cls, config: HfClipBackboneConfig) -> HfClipBackbone:
         from transformers import (
             CLIPConfig,
             CLIPTextModelWithProjection,

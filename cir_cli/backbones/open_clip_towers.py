@@ -24,7 +24,7 @@ from cir_cli.checkpoints import load_state_dict_strict, load_torch_checkpoint
 from cir_cli.errors import CirError
 
 if TYPE_CHECKING:
-    from cir_cli.recipes import BackboneConfig
+    from cir_cli.config import OpenClipBackboneConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(CONFIG_DIR)
@@ -69,7 +69,7 @@ class OpenClipBackbone(nn.Module):
         self.source = source
 
     @classmethod
-    def from_config(cls, config: BackboneConfig) -> OpenClipBackbone:
+    def from_config(cls, config: OpenClipBackboneConfig) -> OpenClipBackbone:
         if config.arch not in open_clip.list_models():
             raise CirError(
                 f"backbone.arch '{config.arch}' is not an open_clip architecture "

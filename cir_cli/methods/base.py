@@ -21,13 +21,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from cir_cli.checkpoints import extract_state_dict, load_state_dict_strict
+from cir_cli.data.transforms import build_transform, resolve_crop, resolve_rgb_order
+from cir_cli.errors import CirError
+from cir_cli.modules import Combiner
+from cir_cli.modules.combiner import infer_combiner_dims
+
 if TYPE_CHECKING:
     from pathlib import Path
 
     from PIL import Image
 
+    from cir_cli.config import Recipe
     from cir_cli.data.base import CIRSplit
-    from cir_cli.recipes import Recipe
 
 
 def state_fingerprint(*modules: nn.Module) -> str:
@@ -67,6 +73,8 @@ class CIRMethod(nn.Module):
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
         self.recipe = recipe
+        # This method's own [method] section (the class it registered), read as self.cfg.
+        self.cfg = recipe.method
         self._transform = None
 
     # -- preprocessing ---------------------------------------------------------------------
@@ -79,8 +87,6 @@ class CIRMethod(nn.Module):
     def preprocessing_options(self) -> tuple[str, str]:
         """(RGB conversion order, centre crop) of this recipe: the reference's for its transform
         (`data.rgb_conversion`, "auto" = the transform's reference) unless a fix says otherwise."""
-        from cir_cli.data.transforms import resolve_crop, resolve_rgb_order
-
         data, fixes = self.recipe.data, self.recipe.fixes
         rgb = "first" if fixes.convert_rgb_first else data.rgb_conversion
         crop = "torchvision" if fixes.torchvision_center_crop else "auto"
@@ -100,8 +106,6 @@ class CIRMethod(nn.Module):
     @property
     def transform(self):
         if self._transform is None:
-            from cir_cli.data.transforms import build_transform
-
             data = self.recipe.data
             rgb, crop = self.preprocessing_options()
             self._transform = build_transform(
@@ -200,8 +204,6 @@ class CIRMethod(nn.Module):
 
     def import_published(self, file: Path) -> None:
         """Load a file in the method's published (original code's) layout."""
-        from cir_cli.errors import CirError
-
         raise CirError(f"{file}: {self.name} reads only its own .safetensors checkpoints")
 
     def describe(self) -> dict[str, Any]:
@@ -222,10 +224,8 @@ class FusedFeatureMethod(CIRMethod):
         """Normalised query features from raw reference-image and text features, by
         `method.combining`: the Combiner when one is loaded ("auto") or required ("combiner"),
         else the element-wise sum."""
-        mode = self.recipe.method.combining
+        mode = self.cfg.combining
         if mode == "combiner" and self.combiner is None:
-            from cir_cli.errors import CirError
-
             raise CirError(
                 "method.combining = 'combiner' but no Combiner weights were loaded; pass "
                 "--checkpoint <stage-II run or combiner .pt> (or set method.combining = 'auto')"
@@ -235,13 +235,11 @@ class FusedFeatureMethod(CIRMethod):
         return torch.nn.functional.normalize(reference + text, dim=-1)
 
     def combining_in_use(self) -> str:
-        sum_only = self.recipe.method.combining == "sum"
+        sum_only = self.cfg.combining == "sum"
         return "combiner" if self.combiner is not None and not sum_only else "sum"
 
     def add_combiner(self) -> None:
         """A fresh Combiner with the recipe's [combiner] sizes (stage II starts from it)."""
-        from cir_cli.modules import Combiner
-
         cfg = self.recipe.combiner
         self.combiner = Combiner(
             self.backbone.feature_dim, cfg.projection_dim, cfg.hidden_dim, dropout=cfg.dropout
@@ -253,8 +251,6 @@ class FusedFeatureMethod(CIRMethod):
 
     def import_combiner(self, ckpt: dict[str, Any], file: Path) -> None:
         """A published `{'epoch', 'Combiner': state_dict}` file, strictly (sized from it)."""
-        from cir_cli.checkpoints import extract_state_dict, load_state_dict_strict
-
         state = extract_state_dict(ckpt, "Combiner", file)
         if self.combiner is None:
             self.add_combiner_for({f"combiner.{k}": v for k, v in state.items()}, str(file))
@@ -262,10 +258,6 @@ class FusedFeatureMethod(CIRMethod):
 
     def add_combiner_for(self, state: dict[str, torch.Tensor], source: str) -> None:
         """A Combiner sized from the `combiner.*` tensors of `state` (eval mode)."""
-        from cir_cli.errors import CirError
-        from cir_cli.modules import Combiner
-        from cir_cli.modules.combiner import infer_combiner_dims
-
         sub = {
             k.removeprefix("combiner."): v for k, v in state.items() if k.startswith("combiner.")
         }

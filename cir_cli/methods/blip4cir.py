@@ -31,17 +31,22 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cir_cli.backbones import build_backbone
+from cir_cli.checkpoints import extract_state_dict, load_state_dict_strict, load_torch_checkpoint
+from cir_cli.data.base import Triplet, caption_variants
 from cir_cli.engine.tasks import CachedRowsStage, CombinerStage, TripletTrainingTask
 from cir_cli.errors import CirError
 from cir_cli.methods.base import FusedFeatureMethod, memoised_fingerprint, state_fingerprint
+from cir_cli.methods.blip4cir_config import Blip4CirMethodConfig
 from cir_cli.methods.prompts import DIRECTION_TOKENS, directed_text
+from cir_cli.modules.combiner import CombinerParts
+from cir_cli.registry import register_method
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from cir_cli.data.base import CIRSplit, Triplet
+    from cir_cli.config import Recipe
+    from cir_cli.data.base import CIRSplit
     from cir_cli.modules.combiner import Combiner
-    from cir_cli.recipes import Recipe
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,8 +109,6 @@ def reversed_combiner_logits(
     is checkpointed, so autograd keeps no (chunk, N, H) activations between chunks (dropout masks
     are replayed exactly).
     """
-    from cir_cli.modules.combiner import CombinerParts
-
     image = combiner.project_image(targets).unsqueeze(0)  # (1, N, ·)
     text = combiner.project_text(backward_text)  # (B, ·)
     r_hat = F.normalize(reference, dim=-1)
@@ -138,8 +141,9 @@ def _ce(logits: torch.Tensor, offset: int) -> torch.Tensor:
 # The method
 
 
+@register_method("blip4cir", config=Blip4CirMethodConfig)
 class Blip4Cir(FusedFeatureMethod):
-    name = "blip4cir"
+    cfg: Blip4CirMethodConfig
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe)
@@ -148,7 +152,7 @@ class Blip4Cir(FusedFeatureMethod):
                 f"method blip4cir needs backbone.name = 'blip' (got '{recipe.backbone.name}')"
             )
         self.backbone = build_backbone(recipe.backbone)
-        self.prompts = recipe.method.prompts
+        self.prompts = self.cfg.prompts
         if self.prompts == "token":
             # Real tokens, initialised where the compat prompt starts ("[", "forward", "]").
             tokens = tuple(DIRECTION_TOKENS.values())
@@ -161,7 +165,7 @@ class Blip4Cir(FusedFeatureMethod):
             )
         # Created by stage II or by loading a checkpoint that holds Combiner weights.
         self.combiner = None
-        self.logit_scale = recipe.method.logit_scale
+        self.logit_scale = self.cfg.logit_scale
 
     @property
     def image_size(self) -> int:
@@ -186,8 +190,6 @@ class Blip4Cir(FusedFeatureMethod):
 
     def forward_texts(self, captions: list[str]) -> list[str]:
         """Plain modification texts -> the forward-marked texts this model reads."""
-        from cir_cli.data.base import Triplet
-
         return [
             self.direction_text(Triplet("", "", None, (c,)), "verbatim", "forward")
             for c in captions
@@ -220,12 +222,6 @@ class Blip4Cir(FusedFeatureMethod):
         only `optimizer_state_dict` and `position_ids` are ignored. BLIP's `model_base.pth`
         (`{'model': ...}`) loads the two towers.
         """
-        from cir_cli.checkpoints import (
-            extract_state_dict,
-            load_state_dict_strict,
-            load_torch_checkpoint,
-        )
-
         ckpt = load_torch_checkpoint(file)
         if "BLIPTextEncoder" in ckpt:
             state = extract_state_dict(ckpt, "BLIPTextEncoder", file)
@@ -383,8 +379,6 @@ class Blip4CirCombinerTraining(CombinerStage, _DirectedTask):
         if model.combiner is None:
             model.add_combiner()
             model.combiner.to(device)
-        from cir_cli.data.base import caption_variants
-
         self.rows, self.image_feats = self.train_image_features()
         per_direction: dict[str, list[list[str]]] = {"forward": [], "backward": []}
         for t in self.split.triplets:

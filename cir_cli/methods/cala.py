@@ -46,18 +46,22 @@ import torch
 import torch.nn.functional as F
 
 from cir_cli.backbones import build_backbone
+from cir_cli.backbones.blip2_convert import summarize_dropped
+from cir_cli.checkpoints import extract_state_dict, load_state_dict_strict, load_torch_checkpoint
 from cir_cli.engine.tasks import CachedRowsStage, TripletTrainingTask
 from cir_cli.errors import CirError
 from cir_cli.methods.base import CIRMethod
+from cir_cli.methods.cala_config import CalaMethodConfig
 from cir_cli.modules.cala_heads import (
     Artemis,
     HingeCrossAttention,
     TwinAttentionCompositor,
     spatial_tokens,
 )
+from cir_cli.registry import register_method
 
 if TYPE_CHECKING:
-    from cir_cli.recipes import Recipe
+    from cir_cli.config import Recipe
 
 # Class-name keys of CaLa's saved files: {"epoch": int, "<class name>": state_dict} (spec 3.7).
 BLIP2_KEY = "Blip2Qformer"
@@ -89,12 +93,12 @@ def _note(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+@register_method("cala", config=CalaMethodConfig)
 class Cala(CIRMethod):
-    name = "cala"
+    cfg: CalaMethodConfig
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe)
-        self.cfg = recipe.method
         family = recipe.backbone.name
         if family not in ("blip2", "open_clip"):
             raise CirError(
@@ -287,8 +291,6 @@ class Cala(CIRMethod):
 
     def import_cala_file(self, file: Path) -> None:
         """One CaLa file, by its class-name key; strict after the key map (spec 3.7, 4.4)."""
-        from cir_cli.checkpoints import extract_state_dict, load_torch_checkpoint
-
         ckpt = load_torch_checkpoint(file)
         if BLIP2_KEY in ckpt:
             role = re.search(r"tuned_blip_(visual|text|multi)", file.name)
@@ -317,8 +319,6 @@ class Cala(CIRMethod):
         self._import_head(HEAD_KEYS[key], extract_state_dict(ckpt, key, file), file)
 
     def _import_head(self, role: str, state: dict[str, torch.Tensor], file: Path) -> None:
-        from cir_cli.checkpoints import load_state_dict_strict
-
         module = getattr(self, role)
         if module is None:
             _note(f"{file}: skipped (method.frame = {self.cfg.frame!r} has no ARTEMIS)")
@@ -338,9 +338,6 @@ class Cala(CIRMethod):
         Q-Former part into the copy; the rest must equal the backbone's, since CaLa never
         trains it and the three files of one run carry the same values.
         """
-        from cir_cli.backbones.blip2_convert import summarize_dropped
-        from cir_cli.checkpoints import load_state_dict_strict
-
         converted = self.backbone.convert_lavis(state, str(file))
         if role == "visual":
             self.backbone.load_converted(converted, str(file), allow_missing_vision=True)

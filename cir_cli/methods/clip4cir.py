@@ -11,26 +11,34 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from cir_cli.backbones import build_backbone
+from cir_cli.checkpoints import extract_state_dict, load_torch_checkpoint
+from cir_cli.data.images import ImageFiles
 from cir_cli.engine.tasks import CombinerStage, TripletTrainingTask
+from cir_cli.errors import CirError
 from cir_cli.methods.base import FusedFeatureMethod
+from cir_cli.methods.clip4cir_config import Clip4CirMethodConfig
+from cir_cli.progress import progress_bar
+from cir_cli.registry import register_method
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from cir_cli.recipes import Recipe
+    from cir_cli.config import Recipe
 
 
+@register_method("clip4cir", config=Clip4CirMethodConfig)
 class Clip4Cir(FusedFeatureMethod):
-    name = "clip4cir"
+    cfg: Clip4CirMethodConfig
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe)
         self.backbone = build_backbone(recipe.backbone)
         # Created by stage II or by loading a checkpoint that holds Combiner weights.
         self.combiner = None
-        self.logit_scale = recipe.method.logit_scale
+        self.logit_scale = self.cfg.logit_scale
         # Which towers are being trained right now (set by the trainer): a trainable image
         # tower must not be served from the feature cache.
         self.image_tower_trainable = False
@@ -67,9 +75,6 @@ class Clip4Cir(FusedFeatureMethod):
         strictly into the backbone) and `{'epoch', 'Combiner': state_dict}`. Our own
         checkpoints load through `CIRMethod.load_checkpoint`; a Combiner checkpoint of ours
         names the stage-I checkpoint it was trained on, which is loaded first."""
-        from cir_cli.checkpoints import extract_state_dict, load_torch_checkpoint
-        from cir_cli.errors import CirError
-
         ckpt = load_torch_checkpoint(file)
         if "Combiner" in ckpt:
             self.import_combiner(ckpt, file)
@@ -117,11 +122,6 @@ class Clip4CirFinetune(TripletTrainingTask):
 
     def train_pixels(self) -> tuple[dict[str, int], torch.Tensor]:
         """Preprocessed pixels of every training image, decoded once through the cache."""
-        from torch.utils.data import DataLoader
-
-        from cir_cli.data.images import ImageFiles
-        from cir_cli.progress import progress_bar
-
         names = self.split.image_names()
 
         def compute(chunk: list[str]) -> torch.Tensor:

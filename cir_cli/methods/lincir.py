@@ -16,7 +16,9 @@ kept in an on-disk store (the seeds encoded it again at every step, spec 6.11).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,14 +35,21 @@ from cir_cli.backbones.pseudo_tokens import (
     token_width_of,
     tokenize_pieces,
 )
-from cir_cli.data import get_dataset
+from cir_cli.checkpoints import load_state_dict_strict
+from cir_cli.data import get_dataset, text_corpus
+from cir_cli.data.text_corpus import corpus_digest
 from cir_cli.errors import CirError
+from cir_cli.evaluation import evaluate
+from cir_cli.io import read_json, write_text_atomic
 from cir_cli.methods.base import CIRMethod, state_fingerprint
+from cir_cli.methods.lincir_config import LinCirMethodConfig
 from cir_cli.modules.phi import Phi
+from cir_cli.progress import progress_bar
+from cir_cli.registry import register_method
 
 if TYPE_CHECKING:
+    from cir_cli.config import Recipe
     from cir_cli.data.base import CIRSplit
-    from cir_cli.recipes import Recipe
 
 QueryText = str | tuple[str, ...]
 
@@ -49,13 +58,13 @@ def _strip_fiq(text: str) -> str:
     return text.strip(".?, ")
 
 
+@register_method("lincir", config=LinCirMethodConfig)
 class LinCir(CIRMethod):
-    name = "lincir"
+    cfg: LinCirMethodConfig
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe)
-        cfg = recipe.method
-        self.cfg = cfg
+        cfg = self.cfg
         self.backbone = build_backbone(recipe.backbone)
         check_placeholder_id(self.backbone.tokenizer)
         if PLACEHOLDER not in cfg.prompt:
@@ -214,8 +223,6 @@ class LinCir(CIRMethod):
                 f"{file}: Phi maps {published.input_dim} -> {published.output_dim}, but this "
                 f"backbone needs {own[0]} -> {own[1]} (wrong backbone for the checkpoint?)"
             )
-        from cir_cli.checkpoints import load_state_dict_strict
-
         load_state_dict_strict(self.phi, published.state_dict(), str(file))
 
     def export_phi(self, path: str | Path, ema: bool | None = None, epoch: int = 0) -> Path:
@@ -244,8 +251,6 @@ class CaptionFeatureStore:
     """
 
     def __init__(self, root: Path, key: str, rows: int, dim: int) -> None:
-        import hashlib
-
         self.folder = Path(root) / "lincir-captions" / hashlib.sha256(key.encode()).hexdigest()[:32]
         self.key, self.rows, self.dim = key, rows, dim
         self.dtype = np.float32 if rows * dim * 4 <= 4 * 2**30 else np.float16
@@ -255,17 +260,12 @@ class CaptionFeatureStore:
     def done(self) -> int:
         if not (self.progress_path.is_file() and self.array_path.is_file()):
             return 0
-        from cir_cli.io import read_json
-
         info = read_json(self.progress_path, "text-feature progress file", dict)
         if info.get("key") != self.key or info.get("rows") != self.rows:
             return 0
         return int(info.get("done", 0))
 
     def fill(self, encode, texts: list[str], chunk: int, description: str) -> None:
-        from cir_cli.io import write_text_atomic
-        from cir_cli.progress import progress_bar
-
         self.folder.mkdir(parents=True, exist_ok=True)
         start = self.done()
         if start >= self.rows:
@@ -299,8 +299,6 @@ class LinCirFinetune:
     stage = "finetune"
 
     def __init__(self, model: LinCir, device: torch.device) -> None:
-        from cir_cli.data import text_corpus
-
         self.model = model
         self.recipe = model.recipe
         self.device = device
@@ -333,8 +331,6 @@ class LinCirFinetune:
     # -- data --------------------------------------------------------------------------------
 
     def _text_key(self) -> str:
-        from cir_cli.data.text_corpus import corpus_digest
-
         backbone = self.model.backbone
         text_module = getattr(backbone, "text_module", None)
         if text_module is not None:
@@ -388,8 +384,6 @@ class LinCirFinetune:
         data = self.recipe.data
         metric = selection_metric(self.recipe)
         if not Path(data.root).expanduser().exists():
-            import warnings
-
             warnings.warn(
                 f"data.root {data.root} does not exist: training Phi without validation "
                 "(no `best` checkpoint; set data.root to validate, e.g. on CIRR val as LinCIR)",
@@ -491,8 +485,6 @@ class LinCirFinetune:
     def evaluate(self) -> dict[str, float]:
         if not self.val_splits:
             return {}
-        from cir_cli.evaluation import evaluate
-
         result = evaluate(
             self.model,
             self.val_splits,

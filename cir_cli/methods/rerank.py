@@ -35,27 +35,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cir_cli import metrics
 from cir_cli.backbones import build_backbone
+from cir_cli.backbones.blip import convert_blip_state, read_blip_checkpoint
+from cir_cli.candidates import load_candidates
+from cir_cli.checkpoints import extract_state_dict, load_state_dict_strict, load_torch_checkpoint
 from cir_cli.data import get_dataset
 from cir_cli.engine.tasks import CachedRowsStage, TripletTrainingTask
 from cir_cli.errors import CirError
+from cir_cli.evaluation import (
+    RANKING_DEPTH,
+    SplitResult,
+    evaluate_split,
+    split_representations,
+)
 from cir_cli.methods.base import CIRMethod, memoised_fingerprint
+from cir_cli.methods.rerank_config import RerankMethodConfig
 from cir_cli.modules.dual_encoder import DualEncoderConfig, DualEncoderScorer, init_from_bert
+from cir_cli.progress import progress_bar
+from cir_cli.registry import register_method
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from cir_cli.cache import FeatureCache
+    from cir_cli.config import Recipe
     from cir_cli.data.base import CIRSplit
-    from cir_cli.evaluation import SplitResult
-    from cir_cli.recipes import Recipe
 
 # Scores of (query, candidate) pairs whose candidate slot is padding.
 _PAD_SCORE = -math.inf
 
 
+@register_method("rerank", config=RerankMethodConfig)
 class Rerank(CIRMethod):
-    name = "rerank"
+    cfg: RerankMethodConfig
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe)
@@ -76,7 +89,7 @@ class Rerank(CIRMethod):
         if pretrained and _is_blip_file(pretrained):
             self._load_temp(pretrained)
         text_config = self.backbone.text_encoder.config
-        dual = DualEncoderConfig.from_text_config(text_config, recipe.method.merge_from_layer)
+        dual = DualEncoderConfig.from_text_config(text_config, self.cfg.merge_from_layer)
         self.scorer = DualEncoderScorer(dual)
         # Both branches start from the pre-trained BERT (model_base.pth's text_encoder), not
         # from stage I's fine-tuned one (spec 5): the backbone holds model_base right now.
@@ -87,14 +100,12 @@ class Rerank(CIRMethod):
         # Stage I turns re-ranking off for its own validations.
         self.rerank_disabled = False
         self.representation_dtype = (
-            torch.float16 if recipe.method.token_precision == "fp16" else torch.float32
+            torch.float16 if self.cfg.token_precision == "fp16" else torch.float32
         )
         self.enc_token_id = self.backbone.tokenizer.convert_tokens_to_ids("[ENC]")
 
     def _load_temp(self, path: str) -> None:
         from pathlib import Path
-
-        from cir_cli.backbones.blip import read_blip_checkpoint
 
         state = read_blip_checkpoint(Path(path).expanduser())
         if "temp" in state:
@@ -139,7 +150,7 @@ class Rerank(CIRMethod):
 
     def image_cache_key(self) -> str | None:
         weights = memoised_fingerprint(self.backbone.vision_model)
-        precision = self.recipe.method.token_precision
+        precision = self.cfg.token_precision
         return f"blip-tokens-{self.backbone.arch}-{weights}-{self.preprocessing_id()}-{precision}"
 
     def queries_from_representation(
@@ -176,8 +187,6 @@ class Rerank(CIRMethod):
     ) -> torch.Tensor:
         """(Q, K) stage-II scores of each query's K candidates (rows of `reps`; -1 = padding,
         scored -inf). z_t is computed once per query, in eval mode (spec 6)."""
-        from cir_cli.progress import progress_bar
-
         was_training = self.training
         self.eval()
         q_total, k = cand_rows.shape
@@ -232,8 +241,6 @@ class Rerank(CIRMethod):
             raise CirError(
                 f"re-ranking follows the CIRR / FashionIQ protocols; {split.label} is not one"
             )
-        from cir_cli.evaluation import RANKING_DEPTH, evaluate_split, split_representations
-
         cfg = self.recipe.rerank
         k = cfg.k
         names, reps = split_representations(self, split, cache, batch_size, num_workers)
@@ -249,8 +256,6 @@ class Rerank(CIRMethod):
             )
             lists, list_scores = first.top, first.top_scores
         else:
-            from cir_cli.candidates import load_candidates
-
             cands = load_candidates(cfg.candidates, split)
             if cands.k < k:
                 raise CirError(
@@ -273,8 +278,6 @@ class Rerank(CIRMethod):
         order = torch.sort(final, dim=1, descending=True, stable=True).indices
         keep = max(depth, RANKING_DEPTH)
 
-        from cir_cli.evaluation import SplitResult
-
         result = SplitResult(split)
         result.first_stage = first
         for q, row in enumerate(lists):
@@ -290,8 +293,6 @@ class Rerank(CIRMethod):
     def _score_recalls(
         self, split: CIRSplit, result: SplitResult, first: SplitResult, lists, k: int
     ) -> None:
-        from cir_cli import metrics
-
         if not all(t.target is not None for t in split.triplets):
             return
         ranks = []
@@ -309,8 +310,6 @@ class Rerank(CIRMethod):
         self, split, result, reps, row_of, ref_rows, texts, lists, list_scores
     ) -> None:
         """CIRR subset (spec 6.5): stage II scores the 5 non-reference members directly."""
-        from cir_cli import metrics
-
         cfg = self.recipe.rerank
         members = [[m for m in t.group if m != t.reference] for t in split.triplets]
         width = max(len(m) for m in members)
@@ -355,8 +354,6 @@ class Rerank(CIRMethod):
         text_encoder.* of the dual encoder, cls_head.*), and BLIP's `model_base.pth`
         (`{'model': ...}`: the towers and temp). `optimizer_state_dict`, `epoch` and
         `position_ids` are ignored."""
-        from cir_cli.checkpoints import extract_state_dict, load_torch_checkpoint
-
         ckpt = load_torch_checkpoint(file)
         if "BLIP_Retrieval" in ckpt:
             self.load_stage1_state(extract_state_dict(ckpt, "BLIP_Retrieval", file), str(file))
@@ -374,9 +371,6 @@ class Rerank(CIRMethod):
     def load_stage1_state(self, state: dict[str, torch.Tensor], source: str) -> None:
         """A `BLIP_Retrieval` state dict: converted like model_base (timm ViT names, pos_embed
         resized if needed) and loaded strictly into the towers; `temp` into the temperature."""
-        from cir_cli.backbones.blip import convert_blip_state
-        from cir_cli.checkpoints import load_state_dict_strict
-
         _check_layout(
             state,
             "BLIP_Retrieval",
@@ -400,9 +394,6 @@ class Rerank(CIRMethod):
     def load_stage2_state(self, state: dict[str, torch.Tensor], source: str) -> None:
         """A `BLIP_NLVR` state dict: `text_encoder.*` + `cls_head.*` strictly into the dual
         encoder; `visual_encoder.*` (the stage-II ViT copy) strictly into the shared ViT."""
-        from cir_cli.backbones.blip import convert_blip_state
-        from cir_cli.checkpoints import load_state_dict_strict
-
         _check_layout(
             state,
             "BLIP_NLVR",
@@ -473,9 +464,6 @@ def result_from_lists(
     """A SplitResult for a first stage given only as candidate lists: recalls from positions
     in the lists (a target beyond the list is a miss), subset order = list order (members
     outside the list are filtered out, as metrics.subset_recall_at_k does)."""
-    from cir_cli import metrics
-    from cir_cli.evaluation import SplitResult
-
     result = SplitResult(split, top=[list(r) for r in lists])
     result.top_scores = [list(r) for r in scores] if scores is not None else []
     if not all(t.target is not None for t in split.triplets):

@@ -31,15 +31,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from cir_cli.backbones import build_backbone
+from cir_cli.checkpoints import extract_state_dict, load_torch_checkpoint
 from cir_cli.engine.tasks import CachedRowsStage, TripletTrainingTask
 from cir_cli.errors import CirError
 from cir_cli.methods.base import CIRMethod
+from cir_cli.methods.sprc_config import SprcMethodConfig
 from cir_cli.ranking import max_over_tokens_score
+from cir_cli.registry import register_method
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from cir_cli.recipes import Recipe
+    from cir_cli.config import Recipe
 
 # SPRC's checkpoint entry (spec 2.5): {"epoch": int, "Blip2QformerCirAlignPrompt": state_dict}.
 SPRC_CHECKPOINT_KEY = "Blip2QformerCirAlignPrompt"
@@ -58,8 +61,9 @@ def blip_caption(text: str, max_words: int = 50) -> str:
     return " ".join(words[:max_words]) if len(words) > max_words else text
 
 
+@register_method("sprc", config=SprcMethodConfig)
 class Sprc(CIRMethod):
-    name = "sprc"
+    cfg: SprcMethodConfig
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe)
@@ -67,7 +71,6 @@ class Sprc(CIRMethod):
             raise CirError(
                 f"method sprc needs backbone.name = 'blip2' (got {recipe.backbone.name!r})"
             )
-        self.cfg = recipe.method
         self.backbone = build_backbone(recipe.backbone)
         nq, hidden = self.backbone.num_query_tokens, self.backbone.hidden_size
         if self.cfg.max_text_length + nq > self.backbone.qformer.config.max_position_embeddings:
@@ -175,8 +178,6 @@ class Sprc(CIRMethod):
         Published files are converted with the spec's key map and loaded strictly; the only
         tolerated differences are printed (LM head, position_ids buffer; the ViT if absent).
         """
-        from cir_cli.checkpoints import extract_state_dict, load_torch_checkpoint
-
         ckpt = load_torch_checkpoint(file)
         key = next((k for k in (SPRC_CHECKPOINT_KEY, "model", "state_dict") if k in ckpt), None)
         if key is not None:

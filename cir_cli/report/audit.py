@@ -27,9 +27,9 @@ from cir_cli.evaluation import (
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from cir_cli.config import Recipe
     from cir_cli.data.base import CIRSplit
     from cir_cli.methods.base import CIRMethod
-    from cir_cli.recipes import Recipe
 
 # The recall cut-offs of the audit table ("solved at R@1 / R@10").
 AUDIT_KS = (1, 10)
