@@ -1,9 +1,9 @@
 """The recipe schema: one pydantic section per TOML table, and `Recipe`, which holds them all.
 
 Loading (built-in names, `extends`, `--set` overrides, one-line errors) is `cir_cli.recipes`.
-This module imports only the standard library, pydantic, the dataset and method registries; validating
-[method] imports just that method's torch-free section class, so `cir recipes show` and dry
-runs stay fast.
+This module imports only the standard library, pydantic and the dataset and method
+registries; validating [method] imports just that method's torch-free section class, so
+`cir recipes show` and dry runs stay fast.
 """
 
 from __future__ import annotations

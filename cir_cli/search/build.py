@@ -34,8 +34,8 @@ from cir_cli.search.storage import (
 )
 
 if TYPE_CHECKING:
+    from cir_cli.config import Recipe
     from cir_cli.methods.base import CIRMethod
-    from cir_cli.recipes import Recipe
 
 
 def scan_folder(folder: str | os.PathLike[str]) -> list[FileEntry]:

@@ -15,8 +15,8 @@ from cir_cli.engine.checkpointing import resolve_weights_file
 from cir_cli.errors import CirError
 
 if TYPE_CHECKING:
+    from cir_cli.config import Recipe
     from cir_cli.methods.base import CIRMethod
-    from cir_cli.recipes import Recipe
     from cir_cli.search.storage import Index
 
 # Recipe keys that decide what the features mean; any other key (output dir, batch sizes,

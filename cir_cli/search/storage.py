@@ -34,7 +34,7 @@ from cir_cli.recipes import validate_recipe
 if TYPE_CHECKING:
     import torch
 
-    from cir_cli.recipes import Recipe
+    from cir_cli.config import Recipe
 
 INDEX_FORMAT = "cir-index"
 INDEX_VERSION = 1
