@@ -11,14 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from cir_cli import metrics, ranking
 from cir_cli.cache import FeatureCache
 from cir_cli.data.base import CIRSplit
-from cir_cli.methods.base import CIRMethod
 from cir_cli.progress import progress_bar
+
+if TYPE_CHECKING:
+    # Typing only: evaluation drives any method through its contract and sits below methods/.
+    from cir_cli.methods.base import CIRMethod
 
 # The metric each dataset's model selection uses (spec 5): FashionIQ (avg R@10 + avg R@50)/2,
 # CIRR (R@5 + R_subset@1)/2.

@@ -130,7 +130,7 @@ def _checkpoint_files(path: Path) -> list[Path]:
     """The file(s) whose content defines a checkpoint argument (a file, run dir or folder)."""
     if path.is_file():
         return [path]
-    from cir_cli.engine.checkpointing import resolve_weights_file
+    from cir_cli.runs import resolve_weights_file
 
     try:
         return [resolve_weights_file(path)]
@@ -551,9 +551,9 @@ def _provenance(model: CIRMethod, recipe: Recipe, checkpoint: str | None) -> dic
 
 
 def _load_model(recipe: Recipe, checkpoint: str | None, device: str | None) -> CIRMethod:
-    from cir_cli import api
+    from cir_cli.methods.loading import load_model
 
-    return api.load_model(recipe, checkpoint=checkpoint, device=device or recipe.device)
+    return load_model(recipe, checkpoint=checkpoint, device=device or recipe.device)
 
 
 def build_index(

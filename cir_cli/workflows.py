@@ -6,12 +6,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cir_cli.candidates import file_name, from_rankings, write_candidates
+from cir_cli.data import load_eval_splits
 from cir_cli.errors import CirError
-from cir_cli.io import refuse_blocked_folder, write_json_atomic
-from cir_cli.recipes import Recipe
+from cir_cli.io import (
+    read_json,
+    refuse_blocked_folder,
+    require_field,
+    write_json_atomic,
+    write_text_atomic,
+)
+from cir_cli.recipes import Recipe, validate_recipe
+from cir_cli.runs import (
+    new_run_dir,
+    resolve_checkpoint_ref,
+    write_manifest,
+)
 
 if TYPE_CHECKING:
     from cir_cli.engine.trainer import TrainSettings
+    from cir_cli.evaluation import Evaluation
+    from cir_cli.methods.base import CIRMethod
 
 
 def resolve_refs(
@@ -26,7 +41,6 @@ def resolve_refs(
     ("--checkpoint latest -> runs/x") for the command to print: a log then says which run
     `latest` picked.
     """
-    from cir_cli.engine.checkpointing import resolve_checkpoint_ref
 
     def resolve(ref: str | None, ref_stages: tuple[str, ...]) -> str | None:
         if ref is None or (not fetch and ref.startswith("hf://")):
@@ -45,6 +59,32 @@ def resolve_refs(
     return recipe, resolved, notes
 
 
+def validate(
+    model: CIRMethod,
+    recipe: Recipe,
+    split: str | None = None,
+    use_cache: bool = True,
+    depth: int | None = None,
+) -> Evaluation:
+    """Evaluate `model` on the recipe's dataset split with the dataset's protocol.
+
+    `depth`: keep this many ranked names per query (default: the servers' 50)."""
+    # torch-heavy: this module is imported by `cir ... --dry-run`, which loads no model.
+    from cir_cli.cache import default_cache
+    from cir_cli.evaluation import RANKING_DEPTH, evaluate
+
+    splits = load_eval_splits(recipe, split)
+    return evaluate(
+        model,
+        splits,
+        cache=default_cache(recipe) if use_cache else None,
+        batch_size=recipe.eval.batch_size,
+        num_workers=recipe.data.num_workers,
+        rank_chunk=recipe.eval.rank_chunk,
+        depth=depth or RANKING_DEPTH,
+    )
+
+
 @dataclass
 class ValidationRun:
     metrics: dict[str, float]
@@ -57,8 +97,6 @@ def write_metrics(run_dir: Path, metrics: dict[str, float]) -> None:
     import csv
     import io
     import math
-
-    from cir_cli.io import write_text_atomic
 
     write_json_atomic(run_dir / "metrics.json", metrics)
     buf = io.StringIO()
@@ -82,14 +120,13 @@ def run_validation(
     report_queries: int = 8,
     save_candidates: int | None = None,
 ) -> ValidationRun:
-    from cir_cli import api
-    from cir_cli.runs import new_run_dir, write_manifest
+    from cir_cli.methods.loading import load_model
 
     if report is not None and not Path(report).expanduser().resolve().parent.is_dir():
         raise CirError(f"--report {report}: its folder does not exist")
     _check_candidates_k(save_candidates)
     refuse_blocked_folder(recipe.output.dir)
-    model = api.load_model(recipe, checkpoint=checkpoint, device=recipe.device)
+    model = load_model(recipe, checkpoint=checkpoint, device=recipe.device)
     split_reports = None
     if report is not None:
         # The same evaluation plus per-query ranks and the single-modality ranks (report/).
@@ -99,7 +136,7 @@ def run_validation(
             model, recipe, split, use_cache, depth=save_candidates
         )
     else:
-        evaluation = api.validate(
+        evaluation = validate(
             model, recipe, split=split, use_cache=use_cache, depth=save_candidates
         )
     if not evaluation.metrics:
@@ -174,8 +211,6 @@ def write_candidate_lists(run_dir: Path, evaluation, k: int) -> list[Path]:
     """One candidate list (top-k names + scores per query) per split, beside the manifest."""
     import json
 
-    from cir_cli.candidates import file_name, from_rankings, write_candidates
-
     manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
     source = {
         "run_dir": str(run_dir.resolve()),
@@ -199,8 +234,7 @@ def run_submission(
     name: str | None = None,
     save_candidates: int | None = None,
 ) -> list[Path]:
-    from cir_cli import api
-    from cir_cli.runs import new_run_dir, write_manifest
+    from cir_cli.methods.loading import load_model
 
     if benchmark == "circo":
         return [_circo_submission(recipe, checkpoint, name)]
@@ -214,9 +248,9 @@ def run_submission(
     from cir_cli.submission import build_cirr_submission, write_cirr_submission
 
     _check_candidates_k(save_candidates)
-    model = api.load_model(recipe, checkpoint=checkpoint, device=recipe.device)
+    model = load_model(recipe, checkpoint=checkpoint, device=recipe.device)
     split_name = recipe.data.test_split
-    evaluation = api.validate(model, recipe, split=split_name, depth=save_candidates)
+    evaluation = validate(model, recipe, split=split_name, depth=save_candidates)
     result = evaluation.splits[0]
     top50 = {t.query_id: names for t, names in zip(result.split.triplets, result.top, strict=True)}
     top3 = {
@@ -238,8 +272,7 @@ def run_submission(
 
 def _circo_submission(recipe: Recipe, checkpoint: str | None, name: str | None) -> Path:
     """`cir submit circo`: top-50 of every test query, validated, written atomically."""
-    from cir_cli import api
-    from cir_cli.runs import new_run_dir, write_manifest
+    from cir_cli.methods.loading import load_model
     from cir_cli.submission import write_circo_submission
 
     if recipe.data.dataset != "circo":
@@ -247,9 +280,9 @@ def _circo_submission(recipe: Recipe, checkpoint: str | None, name: str | None) 
             f"`cir submit circo` needs a CIRCO recipe; {recipe.name} uses data.dataset = "
             f'{recipe.data.dataset!r} (set data.dataset="circo" and data.root)'
         )
-    model = api.load_model(recipe, checkpoint=checkpoint, device=recipe.device)
+    model = load_model(recipe, checkpoint=checkpoint, device=recipe.device)
     split_name = "test"
-    evaluation = api.validate(model, recipe, split=split_name)
+    evaluation = validate(model, recipe, split=split_name)
     result = evaluation.splits[0]
     run_dir = new_run_dir(recipe.output.dir, recipe.name, "submit-circo")
     write_manifest(
@@ -281,8 +314,6 @@ def _recipe_for_resume(recipe: Recipe | None, resume: str | None) -> Recipe:
     manifest = Path(resume).expanduser() / "manifest.json"
     if not manifest.is_file():
         raise CirError(f"--resume {resume}: not a run folder (no manifest.json)")
-    from cir_cli.io import read_json, require_field
-    from cir_cli.recipes import validate_recipe
 
     data = require_field(read_json(manifest, "run manifest", dict), "recipe", dict, manifest)
     return validate_recipe(data, str(manifest))
@@ -331,25 +362,27 @@ def run_training(
     stop_after_steps: int | None = None,
 ) -> TrainingRun:
     """`cir finetune` (stage="finetune") and `cir train-combiner` (stage="combiner")."""
-    from cir_cli import api
-    from cir_cli.engine.distributed import broadcast_object, init_distributed, shutdown_distributed
+    from cir_cli.engine.distributed import (
+        broadcast_object,
+        init_distributed,
+        resolve_device,
+        shutdown_distributed,
+    )
     from cir_cli.engine.run_log import RunLog, start_comet
+    from cir_cli.engine.seeding import seed_everything
     from cir_cli.engine.trainer import Trainer
     from cir_cli.methods import build_method
-    from cir_cli.runs import new_run_dir, write_manifest
 
     recipe = _recipe_for_resume(recipe, resume)
-    from cir_cli.engine.checkpointing import resolve_checkpoint_ref
-
     base = resolve_checkpoint_ref(
         recipe.finetune.checkpoint, recipe.output.dir, recipe.name, ("finetune",)
     )
     if base != recipe.finetune.checkpoint:  # `latest` or hf://
         recipe = recipe.model_copy(deep=True)
         recipe.finetune.checkpoint = base
-    dist_info, device = init_distributed(api.resolve_device(recipe.device))
+    dist_info, device = init_distributed(resolve_device(recipe.device))
     try:
-        api.seed_everything(recipe.seed)
+        seed_everything(recipe.seed)
         model = build_method(recipe)
         task_factory = {"finetune": "finetune_task", "combiner": "combiner_task"}[stage]
         if not hasattr(model, task_factory):

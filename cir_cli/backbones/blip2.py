@@ -50,7 +50,9 @@ from cir_cli.backbones.blip2_convert import (
     convert_vision_state,
     summarize_dropped,
 )
+from cir_cli.cache import memoised_fingerprint
 from cir_cli.checkpoints import load_state_dict_strict, load_torch_checkpoint
+from cir_cli.data import toy
 from cir_cli.errors import CirError
 
 if TYPE_CHECKING:
@@ -184,8 +186,6 @@ def tiny_vocab() -> list[str]:
     Built from the toy generator's templates and attribute names, so every toy caption maps to
     whole-word ids; letters and `##letters` make any other text tokenisable too.
     """
-    from cir_cli.data import toy
-
     words: set[str] = set()
     texts = [t for ts in toy.TEMPLATES.values() for t in ts]
     texts += [*toy.SHAPES, *toy.COLOURS, *toy.SIZES, *toy.POSITIONS.values(), *toy.MOVES]
@@ -594,8 +594,6 @@ class Blip2Backbone(QFormerPaths, nn.Module):
 
     def vision_fingerprint(self) -> str:
         """Content hash of the frozen ViT, memoised while its tensors are unchanged."""
-        from cir_cli.methods.base import memoised_fingerprint
-
         return memoised_fingerprint(self.vision_model)
 
     def token_cache_key(self, precision: str, preprocessing: str) -> str:

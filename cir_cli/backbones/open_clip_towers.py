@@ -20,6 +20,7 @@ import open_clip
 import torch
 from torch import nn
 
+from cir_cli.cache import memoised_fingerprint
 from cir_cli.checkpoints import load_state_dict_strict, load_torch_checkpoint
 from cir_cli.errors import CirError
 
@@ -195,8 +196,6 @@ class OpenClipBackbone(nn.Module):
 
     def image_fingerprint(self) -> str:
         """Content hash of the image tower (memoised while its weights are unchanged)."""
-        from cir_cli.methods.base import memoised_fingerprint
-
         return memoised_fingerprint(self.model.visual)
 
     def image_cache_key(self, preprocessing: str) -> str:

@@ -9,10 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cir_cli.data import circo, cirr, fashioniq, genecis
 from cir_cli.data.base import CIRSplit, Triplet
 from cir_cli.errors import CirError
+
+if TYPE_CHECKING:
+    from cir_cli.recipes import Recipe
 
 
 @dataclass(frozen=True)
@@ -143,12 +147,21 @@ def load_train_split(
     return spec.merge(splits)
 
 
+def load_eval_splits(recipe: Recipe, split: str | None = None) -> list[CIRSplit]:
+    """The recipe's evaluation split (`split`, default eval.split) as `CIRSplit`s."""
+    data = recipe.data
+    root = Path(data.root).expanduser()
+    categories = data.categories if data.dataset == "fashioniq" else None
+    return load_split(data.dataset, root, split or recipe.eval.split, categories)
+
+
 __all__ = [
     "DATASETS",
     "CIRSplit",
     "DatasetSpec",
     "Triplet",
     "get_dataset",
+    "load_eval_splits",
     "load_split",
     "load_train_split",
 ]

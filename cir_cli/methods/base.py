@@ -15,7 +15,6 @@ max over them; LinCIR builds the query from text alone with a pseudo-token from 
 
 from __future__ import annotations
 
-import hashlib
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,34 +27,6 @@ if TYPE_CHECKING:
 
     from cir_cli.data.base import CIRSplit
     from cir_cli.recipes import Recipe
-
-
-def state_fingerprint(*modules: nn.Module) -> str:
-    """A content hash of the modules' weights and buffers (the feature-cache key's core)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for module in modules:
-        for name, tensor in sorted(module.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(str(tuple(tensor.shape)).encode())
-            digest.update(str(tensor.dtype).encode())
-            data = tensor.detach().to("cpu").contiguous()
-            if data.dtype == torch.bfloat16:
-                data = data.view(torch.int16)
-            digest.update(data.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def memoised_fingerprint(module: nn.Module) -> str:
-    """`state_fingerprint(module)`, recomputed only when one of its tensors was replaced or
-    modified in place (storage pointer, version counter and dtype guard the memo), so cache
-    keys of large frozen towers are not re-hashed at every validation."""
-    tensors = list(module.state_dict().values())
-    guard = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
-    memo = module.__dict__.get("_cir_fingerprint")
-    if memo is None or memo[0] != guard:
-        memo = (guard, state_fingerprint(module))
-        module.__dict__["_cir_fingerprint"] = memo
-    return memo[1]
 
 
 class CIRMethod(nn.Module):
@@ -172,10 +143,9 @@ class CIRMethod(nn.Module):
     def load_checkpoint(self, path: str, _chain: tuple[Path, ...] = ()) -> None:
         """Load trained weights: our checkpoints (a run dir, a checkpoint dir or the
         .safetensors of the trained tensors) or a file in the method's published layout."""
-        from cir_cli.checkpoints import is_safetensors, load_weights
-        from cir_cli.engine.checkpointing import resolve_weights_file
-        from cir_cli.engine.common import load_named_state
+        from cir_cli.checkpoints import is_safetensors, load_named_state, load_weights
         from cir_cli.errors import CirError
+        from cir_cli.runs import resolve_weights_file
 
         file = resolve_weights_file(path)
         if not is_safetensors(file):

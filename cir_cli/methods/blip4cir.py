@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cir_cli.backbones import build_backbone
-from cir_cli.engine.tasks import CachedRowsStage, CombinerStage, TripletTrainingTask
+from cir_cli.cache import memoised_fingerprint, state_fingerprint
 from cir_cli.errors import CirError
-from cir_cli.methods.base import FusedFeatureMethod, memoised_fingerprint, state_fingerprint
+from cir_cli.methods.base import FusedFeatureMethod
 from cir_cli.methods.prompts import DIRECTION_TOKENS, directed_text
+from cir_cli.methods.training import CachedRowsStage, CombinerStage, TripletTrainingTask
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -274,7 +275,7 @@ class _DirectedTask(TripletTrainingTask):
         do; token mode uses the forward draw for both directions (spec bug 12).
         """
         from cir_cli.data.base import caption_variants
-        from cir_cli.engine.common import sample_rng
+        from cir_cli.data.training import sample_rng
 
         triplet = self.split.triplets[index]
         if caption_variants(triplet, self.policy) != 4:

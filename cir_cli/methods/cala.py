@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 
 from cir_cli.backbones import build_backbone
-from cir_cli.engine.tasks import CachedRowsStage, TripletTrainingTask
 from cir_cli.errors import CirError
 from cir_cli.methods.base import CIRMethod
+from cir_cli.methods.training import CachedRowsStage, TripletTrainingTask
 from cir_cli.modules.cala_heads import (
     Artemis,
     HingeCrossAttention,
@@ -520,7 +520,7 @@ def cala_loss(model: Cala, f: dict) -> tuple[torch.Tensor, dict[str, float]]:
     is the frame's plain contrastive loss. Under torchrun every logit matrix spans the global
     batch (targets, gaps and references gathered with gradients).
     """
-    from cir_cli.engine.common import global_batch
+    from cir_cli.engine.distributed import global_batch
 
     mc = model.cfg
     tau, h = mc.tac_weight, mc.hca_weight

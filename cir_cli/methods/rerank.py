@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cir_cli.backbones import build_backbone
-from cir_cli.engine.tasks import CachedRowsStage, TripletTrainingTask
+from cir_cli.cache import memoised_fingerprint
 from cir_cli.errors import CirError
-from cir_cli.methods.base import CIRMethod, memoised_fingerprint
+from cir_cli.methods.base import CIRMethod
+from cir_cli.methods.training import CachedRowsStage, TripletTrainingTask
 from cir_cli.modules.dual_encoder import DualEncoderConfig, DualEncoderScorer, init_from_bert
 
 if TYPE_CHECKING:
@@ -511,7 +512,7 @@ class _RerankTask(CachedRowsStage, TripletTrainingTask):
     model: Rerank
 
     def gather(self, indices: list[int]):
-        from cir_cli.engine.common import training_text
+        from cir_cli.data.training import training_text
 
         idx = torch.tensor(indices)
         texts = [
@@ -543,7 +544,7 @@ class RerankStage1(_RerankTask):
         self.model.backbone.text_encoder.train()  # BERT dropout 0.1 as CR; the ViT is cached
 
     def compute_loss(self, batch):
-        from cir_cli.engine.common import global_batch
+        from cir_cli.engine.distributed import global_batch
 
         model = self.model
         refs, tgts, texts = batch
@@ -595,7 +596,7 @@ class RerankStage2(_RerankTask):
 
     def checkpoint_metadata(self) -> dict:
         meta = super().checkpoint_metadata()
-        from cir_cli.engine.checkpointing import resolve_weights_file
+        from cir_cli.runs import resolve_weights_file
 
         meta["base_checkpoint"] = str(
             resolve_weights_file(self.recipe.finetune.checkpoint).resolve()

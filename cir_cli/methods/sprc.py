@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cir_cli.backbones import build_backbone
-from cir_cli.engine.tasks import CachedRowsStage, TripletTrainingTask
 from cir_cli.errors import CirError
 from cir_cli.methods.base import CIRMethod
+from cir_cli.methods.training import CachedRowsStage, TripletTrainingTask
 from cir_cli.ranking import max_over_tokens_score
 
 if TYPE_CHECKING:
@@ -256,7 +256,7 @@ class SprcFinetune(CachedRowsStage, TripletTrainingTask):
     # -- the loss ---------------------------------------------------------------------------------
 
     def compute_loss(self, batch):
-        from cir_cli.engine.common import global_batch
+        from cir_cli.engine.distributed import global_batch
 
         model: Sprc = self.model
         backbone = model.backbone

@@ -1,4 +1,4 @@
-"""Building blocks the methods' training tasks share (datasets, losses, parameter groups)."""
+"""What training reads from a dataset: per-sample caption draws and the triplet image dataset."""
 
 from __future__ import annotations
 
@@ -6,13 +6,10 @@ import random
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import Dataset
 
 from cir_cli.data.base import CIRSplit, caption_variants, query_text
 from cir_cli.data.images import open_image
-from cir_cli.engine.distributed import gather_with_grad
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -77,56 +74,3 @@ class TripletImages(Dataset):
 def collate_triplets(items: list[tuple[torch.Tensor, torch.Tensor, str]]):
     refs, tgts, texts = zip(*items, strict=True)
     return torch.stack(refs), torch.stack(tgts), list(texts)
-
-
-def contrastive_loss(queries: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:
-    """CE over the batch: query i must pick target i among all targets of the global batch.
-
-    `queries` and `targets` are the normalised local rows; under torchrun the targets of all
-    ranks are gathered (with gradients), so N processes optimise the same loss as one.
-    """
-    all_targets, labels = global_batch(targets)
-    return F.cross_entropy(scale * queries @ all_targets.T, labels)
-
-
-def global_batch(local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the rows of all ranks, gathered with gradients; the index of each local row in them).
-
-    One process: (local, arange(B)). Under torchrun rank k's rows sit at k*B .. k*B + B - 1.
-    """
-    all_rows = gather_with_grad(local)
-    offset = 0
-    if all_rows.shape[0] != local.shape[0]:
-        import torch.distributed as dist
-
-        offset = dist.get_rank() * local.shape[0]
-    return all_rows, torch.arange(local.shape[0], device=local.device) + offset
-
-
-def named_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train right now, by their names in `model` (what checkpoints hold)."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_named_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy a subset of named parameters/buffers into `model`; every key must match exactly."""
-    from cir_cli.errors import CirError
-
-    own = dict(model.named_parameters()) | dict(model.named_buffers())
-    unknown = [k for k in state if k not in own]
-    wrong = [k for k in state if k in own and tuple(own[k].shape) != tuple(state[k].shape)]
-    if unknown or wrong:
-        parts = []
-        if unknown:
-            parts.append(f"unexpected keys {unknown[:10]}" + (" ..." if len(unknown) > 10 else ""))
-        if wrong:
-            parts.append(
-                "shape mismatch "
-                + ", ".join(
-                    f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:10]
-                )
-            )
-        raise CirError(f"{source}: does not fit this model: {'; '.join(parts)}")
-    with torch.no_grad():
-        for key, value in state.items():
-            own[key].copy_(value.to(own[key].device, own[key].dtype))
