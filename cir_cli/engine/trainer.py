@@ -30,8 +30,10 @@ from cir_cli.engine.optim import LrSchedule, OptimizerSpec, ScheduleSpec, build_
 from cir_cli.engine.run_log import RunLog
 from cir_cli.engine.sampler import GlobalBatchSampler
 from cir_cli.engine.seeding import seed_everything
+from cir_cli.errors import CirError
 from cir_cli.progress import progress_bar
 from cir_cli.runs import (
+    checkpoint_folder,
     latest_training_state,
     remove_stale_checkpoint_temps,
     save_run_checkpoint,
@@ -212,8 +214,6 @@ class Trainer:
         )
         batches_per_epoch = sampler.batches_per_epoch()
         if batches_per_epoch == 0:
-            from cir_cli.errors import CirError
-
             raise CirError(
                 f"{task.num_samples()} training samples do not fill one batch of {s.batch_size}; "
                 "lower the stage's batch_size"
@@ -289,9 +289,7 @@ class Trainer:
             if not self.dist.is_main:
                 return
             if metrics and task.selection_metric not in metrics:
-                from cir_cli.errors import CirError
-
-                raise CirError(
+                    raise CirError(
                     f"eval.selection_metric '{task.selection_metric}' is not among the "
                     f"validation metrics: {', '.join(sorted(metrics))}"
                 )
@@ -421,9 +419,6 @@ class Trainer:
         return result
 
     def _non_finite_loss(self, step: int, value: float, parts: dict[str, float]) -> None:
-        from cir_cli.errors import CirError
-        from cir_cli.runs import checkpoint_folder
-
         bad = [k for k, v in parts.items() if isinstance(v, float) and not math.isfinite(v)]
         terms = f" (non-finite term: {', '.join(bad)})" if bad else ""
         last = checkpoint_folder(self.run_dir / "checkpoints", "last")
