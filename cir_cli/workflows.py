@@ -24,9 +24,11 @@ from cir_cli.runs import (
 )
 
 if TYPE_CHECKING:
+    from cir_cli.engine.optim import OptimizerSpec, ScheduleSpec
     from cir_cli.engine.trainer import TrainSettings
     from cir_cli.evaluation import Evaluation
     from cir_cli.methods.base import CIRMethod
+    from cir_cli.recipes import CombinerConfig, FinetuneConfig
 
 
 def resolve_refs(
@@ -330,24 +332,50 @@ def train_settings(
 ) -> TrainSettings:
     """The trainer's settings of a recipe stage ("finetune" / "combiner"): loop, optimizer and
     lr schedule (engine/optim.py, with the recipe's [fixes] applied)."""
-    from cir_cli.engine.optim import stage_specs
+    from cir_cli.engine.optim import combiner_specs, finetune_specs
+
+    if stage == "finetune":
+        ft = recipe.finetune
+        return _loop_settings(
+            recipe,
+            ft,
+            *finetune_specs(ft, recipe.fixes),
+            stop_after_steps,
+            validate_every_steps=ft.validate_every_steps,
+            validate_at_steps=tuple(ft.validate_at_steps),
+            grad_accum=ft.grad_accum,
+        )
+    # Stage II validates by epoch, one batch per step: [combiner] has no such keys.
+    return _loop_settings(
+        recipe, recipe.combiner, *combiner_specs(recipe.combiner, recipe.fixes), stop_after_steps
+    )
+
+
+def _loop_settings(
+    recipe: Recipe,
+    cfg: FinetuneConfig | CombinerConfig,
+    optimizer: OptimizerSpec,
+    schedule: ScheduleSpec,
+    stop_after_steps: int | None,
+    validate_every_steps: int = 0,
+    validate_at_steps: tuple[int, ...] = (),
+    grad_accum: int = 1,
+) -> TrainSettings:
     from cir_cli.engine.trainer import TrainSettings
 
-    cfg = recipe.finetune if stage == "finetune" else recipe.combiner
-    optimizer_spec, schedule_spec = stage_specs(cfg, recipe.fixes)
     return TrainSettings(
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         seed=recipe.seed,
         max_steps=cfg.max_steps,
         validate_every=cfg.validate_every,
-        validate_every_steps=getattr(cfg, "validate_every_steps", 0),
-        validate_at_steps=tuple(getattr(cfg, "validate_at_steps", ())),
+        validate_every_steps=validate_every_steps,
+        validate_at_steps=validate_at_steps,
         select_initial=recipe.fixes.select_initial_validation,
-        grad_accum=getattr(cfg, "grad_accum", 1),
+        grad_accum=grad_accum,
         amp=stage_amp(recipe, cfg.amp),
-        optimizer=optimizer_spec,
-        schedule=schedule_spec,
+        optimizer=optimizer,
+        schedule=schedule,
         num_workers=recipe.data.num_workers,
         log_every=recipe.logging.log_every,
         save_every_steps=cfg.save_every_steps,
