@@ -20,6 +20,7 @@ from cir_cli.recipes import Recipe, validate_recipe
 from cir_cli.runs import (
     new_run_dir,
     resolve_checkpoint_ref,
+    resolve_finetune_checkpoint,
     write_manifest,
 )
 
@@ -401,19 +402,12 @@ def run_training(
     from cir_cli.engine.trainer import Trainer
     from cir_cli.methods import build_method
 
-    recipe = _recipe_for_resume(recipe, resume)
-    base = resolve_checkpoint_ref(
-        recipe.finetune.checkpoint, recipe.output.dir, recipe.name, ("finetune",)
-    )
-    if base != recipe.finetune.checkpoint:  # `latest` or hf://
-        recipe = recipe.model_copy(deep=True)
-        recipe.finetune.checkpoint = base
+    recipe = resolve_finetune_checkpoint(_recipe_for_resume(recipe, resume))
     dist_info, device = init_distributed(resolve_device(recipe.device))
     try:
         seed_everything(recipe.seed)
         model = build_method(recipe)
-        task_factory = {"finetune": "finetune_task", "combiner": "combiner_task"}[stage]
-        if not hasattr(model, task_factory):
+        if not model.has_stage(stage):
             raise CirError(f"method {recipe.method.name} has no {stage} stage")
         if stage == "combiner" and recipe.finetune.checkpoint:
             model.load_checkpoint(recipe.finetune.checkpoint)
@@ -425,7 +419,7 @@ def run_training(
                 new_run_dir(recipe.output.dir, recipe.name, stage) if dist_info.is_main else None
             )
             run_dir = Path(broadcast_object(str(run_dir) if run_dir else None))
-        task = getattr(model, task_factory)(device)
+        task = model.training_task(stage, device)
         if dist_info.is_main:
             write_manifest(
                 run_dir,

@@ -54,6 +54,7 @@ from cir_cli.cache import memoised_fingerprint
 from cir_cli.checkpoints import load_state_dict_strict, load_torch_checkpoint
 from cir_cli.data import toy
 from cir_cli.errors import CirError
+from cir_cli.weights import looks_local
 
 if TYPE_CHECKING:
     from cir_cli.recipes import BackboneConfig
@@ -460,14 +461,12 @@ class Blip2Backbone(QFormerPaths, nn.Module):
             raise CirError(f"backbone.arch '{arch}' is not a BLIP-2 arch; known: {_known()}")
         tokenizer = load_bert_tokenizer(config.tokenizer or ARCHS[arch]["tokenizer"])
         hf_state = None
-        if config.pretrained and not Path(config.pretrained).expanduser().exists():
-            from cir_cli.weights import looks_local
-
-            # A mistyped local path must not read as a hub error ("Repo id must be ...").
-            if looks_local(config.pretrained):
-                raise CirError(
-                    f"backbone.pretrained: not found: {Path(config.pretrained).expanduser()}"
-                )
+        # A mistyped local path must not read as a hub error ("Repo id must be ...").
+        missing = config.pretrained and not Path(config.pretrained).expanduser().exists()
+        if missing and looks_local(config.pretrained):
+            raise CirError(
+                f"backbone.pretrained: not found: {Path(config.pretrained).expanduser()}"
+            )
         if config.pretrained and not Path(config.pretrained).expanduser().is_file():
             # Read (or fail to find) the transformers weights before building a 1 B-parameter
             # model only to discard it.

@@ -23,6 +23,7 @@ from torch import nn
 from cir_cli.cache import memoised_fingerprint
 from cir_cli.checkpoints import load_state_dict_strict, load_torch_checkpoint
 from cir_cli.errors import CirError
+from cir_cli.weights import missing_hint
 
 if TYPE_CHECKING:
     from cir_cli.recipes import BackboneConfig
@@ -80,8 +81,6 @@ class OpenClipBackbone(nn.Module):
         local = Path(pretrained).expanduser() if pretrained else None
         if pretrained and (local.exists() or "/" in pretrained or local.suffix):
             if not local.is_file():
-                from cir_cli.weights import missing_hint
-
                 raise CirError(
                     f"backbone.pretrained: weights file not found: {local}"
                     + missing_hint(str(local))
@@ -159,8 +158,6 @@ class OpenClipBackbone(nn.Module):
         """
         pool = getattr(self.model.visual, "attnpool", None)
         if pool is None:
-            from cir_cli.errors import CirError
-
             raise CirError(
                 f"backbone.arch '{self.arch}': CaLa's CLIP variant needs a ResNet image tower "
                 "with an attention pool (RN50x4, cir-tiny-rn)"

@@ -196,8 +196,6 @@ def onecycle_schedule(spec: ScheduleSpec, ctx: ScheduleContext) -> tuple[float, 
 def schedule_factor(spec: ScheduleSpec, ctx: ScheduleContext) -> tuple[float, float | None]:
     """(lr multiplier of the scheduled groups, beta1 or None) at ctx, warm-up included."""
     if spec.name not in SCHEDULES:
-        from cir_cli.errors import CirError
-
         known = ", ".join(sorted(SCHEDULES))
         raise CirError(f"scheduler {spec.name!r} is not known; expected one of {known}")
     factor, beta1 = SCHEDULES[spec.name](spec, ctx)

@@ -289,7 +289,7 @@ class Trainer:
             if not self.dist.is_main:
                 return
             if metrics and task.selection_metric not in metrics:
-                    raise CirError(
+                raise CirError(
                     f"eval.selection_metric '{task.selection_metric}' is not among the "
                     f"validation metrics: {', '.join(sorted(metrics))}"
                 )

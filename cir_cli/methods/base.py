@@ -20,6 +20,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from cir_cli.checkpoints import (
+    extract_state_dict,
+    is_safetensors,
+    load_named_state,
+    load_state_dict_strict,
+    load_weights,
+)
+from cir_cli.data.transforms import build_transform, resolve_crop, resolve_rgb_order
+from cir_cli.errors import CirError
+from cir_cli.modules import Combiner
+from cir_cli.modules.combiner import infer_combiner_dims
+from cir_cli.runs import resolve_weights_file
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -34,11 +47,28 @@ class CIRMethod(nn.Module):
 
     #: registry name, set by subclasses
     name: str = ""
+    #: the training stages and the factory of each: a method that trains defines the factory
+    #: (`finetune_task`, and `combiner_task` for a second stage) returning a `TrainingTask`.
+    STAGE_TASKS = {"finetune": "finetune_task", "combiner": "combiner_task"}
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
         self.recipe = recipe
         self._transform = None
+
+    # -- training ----------------------------------------------------------------------------
+
+    def has_stage(self, stage: str) -> bool:
+        return hasattr(self, self.STAGE_TASKS[stage])
+
+    def training_task(self, stage: str, device: torch.device) -> Any:
+        """Set the model up for `stage` and return that stage's `TrainingTask`.
+
+        The factory changes the model, on purpose: it drops or adds the Combiner, freezes or
+        unfreezes towers, turns on gradient checkpointing, adds an EMA copy, as the stage
+        needs. Call it once per run, on the model that will train, after it moved to `device`.
+        """
+        return getattr(self, self.STAGE_TASKS[stage])(device)
 
     # -- preprocessing ---------------------------------------------------------------------
 
@@ -50,8 +80,6 @@ class CIRMethod(nn.Module):
     def preprocessing_options(self) -> tuple[str, str]:
         """(RGB conversion order, centre crop) of this recipe: the reference's for its transform
         (`data.rgb_conversion`, "auto" = the transform's reference) unless a fix says otherwise."""
-        from cir_cli.data.transforms import resolve_crop, resolve_rgb_order
-
         data, fixes = self.recipe.data, self.recipe.fixes
         rgb = "first" if fixes.convert_rgb_first else data.rgb_conversion
         crop = "torchvision" if fixes.torchvision_center_crop else "auto"
@@ -71,8 +99,6 @@ class CIRMethod(nn.Module):
     @property
     def transform(self):
         if self._transform is None:
-            from cir_cli.data.transforms import build_transform
-
             data = self.recipe.data
             rgb, crop = self.preprocessing_options()
             self._transform = build_transform(
@@ -143,10 +169,6 @@ class CIRMethod(nn.Module):
     def load_checkpoint(self, path: str, _chain: tuple[Path, ...] = ()) -> None:
         """Load trained weights: our checkpoints (a run dir, a checkpoint dir or the
         .safetensors of the trained tensors) or a file in the method's published layout."""
-        from cir_cli.checkpoints import is_safetensors, load_named_state, load_weights
-        from cir_cli.errors import CirError
-        from cir_cli.runs import resolve_weights_file
-
         file = resolve_weights_file(path)
         if not is_safetensors(file):
             self.import_published(file)
@@ -170,8 +192,6 @@ class CIRMethod(nn.Module):
 
     def import_published(self, file: Path) -> None:
         """Load a file in the method's published (original code's) layout."""
-        from cir_cli.errors import CirError
-
         raise CirError(f"{file}: {self.name} reads only its own .safetensors checkpoints")
 
     def describe(self) -> dict[str, Any]:
@@ -194,8 +214,6 @@ class FusedFeatureMethod(CIRMethod):
         else the element-wise sum."""
         mode = self.recipe.method.combining
         if mode == "combiner" and self.combiner is None:
-            from cir_cli.errors import CirError
-
             raise CirError(
                 "method.combining = 'combiner' but no Combiner weights were loaded; pass "
                 "--checkpoint <stage-II run or combiner .pt> (or set method.combining = 'auto')"
@@ -210,8 +228,6 @@ class FusedFeatureMethod(CIRMethod):
 
     def add_combiner(self) -> None:
         """A fresh Combiner with the recipe's [combiner] sizes (stage II starts from it)."""
-        from cir_cli.modules import Combiner
-
         cfg = self.recipe.combiner
         self.combiner = Combiner(
             self.backbone.feature_dim, cfg.projection_dim, cfg.hidden_dim, dropout=cfg.dropout
@@ -223,8 +239,6 @@ class FusedFeatureMethod(CIRMethod):
 
     def import_combiner(self, ckpt: dict[str, Any], file: Path) -> None:
         """A published `{'epoch', 'Combiner': state_dict}` file, strictly (sized from it)."""
-        from cir_cli.checkpoints import extract_state_dict, load_state_dict_strict
-
         state = extract_state_dict(ckpt, "Combiner", file)
         if self.combiner is None:
             self.add_combiner_for({f"combiner.{k}": v for k, v in state.items()}, str(file))
@@ -232,10 +246,6 @@ class FusedFeatureMethod(CIRMethod):
 
     def add_combiner_for(self, state: dict[str, torch.Tensor], source: str) -> None:
         """A Combiner sized from the `combiner.*` tensors of `state` (eval mode)."""
-        from cir_cli.errors import CirError
-        from cir_cli.modules import Combiner
-        from cir_cli.modules.combiner import infer_combiner_dims
-
         sub = {
             k.removeprefix("combiner."): v for k, v in state.items() if k.startswith("combiner.")
         }
