@@ -37,7 +37,6 @@ class RunLog:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.comet = comet
-        self.epoch_losses: list[tuple[int, float]] = []
         self.history: list[dict[str, float]] = []
         self.every_steps = every_steps
         self.every_seconds = every_seconds
@@ -117,7 +116,6 @@ class RunLog:
     def epoch(self, epoch: int, loss: float) -> None:
         if not self.enabled:
             return
-        self.epoch_losses.append((epoch, loss))
         if self.comet is not None and not math.isnan(loss):
             self.comet.log_metric("train/epoch_loss", loss, epoch=epoch)
 
