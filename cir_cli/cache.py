@@ -18,13 +18,46 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from stat import S_ISLNK
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import nn
 
 from cir_cli.io import atomic_path, read_json, write_text_atomic
 
+if TYPE_CHECKING:
+    from cir_cli.config import Recipe
+
 ComputeFn = Callable[[list[str]], torch.Tensor]
+
+
+def state_fingerprint(*modules: nn.Module) -> str:
+    """A content hash of the modules' weights and buffers (the feature-cache key's core)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(str(tensor.dtype).encode())
+            data = tensor.detach().to("cpu").contiguous()
+            if data.dtype == torch.bfloat16:
+                data = data.view(torch.int16)
+            digest.update(data.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def memoised_fingerprint(module: nn.Module) -> str:
+    """`state_fingerprint(module)`, recomputed only when one of its tensors was replaced or
+    modified in place (storage pointer, version counter and dtype guard the memo), so cache
+    keys of large frozen towers are not re-hashed at every validation."""
+    tensors = list(module.state_dict().values())
+    guard = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+    memo = module.__dict__.get("_cir_fingerprint")
+    if memo is None or memo[0] != guard:
+        memo = (guard, state_fingerprint(module))
+        module.__dict__["_cir_fingerprint"] = memo
+    return memo[1]
 
 
 def file_identity(name: str, path: Path) -> str:
@@ -243,3 +276,9 @@ class CachedRows:
     def __getitem__(self, rows: Sequence[int] | torch.Tensor) -> torch.Tensor:
         positions = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
         return FeatureCache._gather(self._index, [self.names[int(i)] for i in positions])
+
+
+def default_cache(recipe: Recipe) -> FeatureCache:
+    """The recipe's feature cache: output.cache_dir, or `<output.dir>/.cache`."""
+    root = recipe.output.cache_dir or str(Path(recipe.output.dir) / ".cache")
+    return FeatureCache(Path(root).expanduser())

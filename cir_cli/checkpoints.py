@@ -232,6 +232,35 @@ def load_state_dict_strict(
         raise CirError(f"{source}: weights do not fit {type(module).__name__}: {_list_keys(left)}")
 
 
+def named_trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    """The parameters that train right now, by their names in `model` (what checkpoints hold)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_named_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Copy a subset of named parameters/buffers into `model`; every key must match exactly."""
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    unknown = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and tuple(own[k].shape) != tuple(state[k].shape)]
+    if unknown or wrong:
+        parts = []
+        if unknown:
+            parts.append(f"unexpected keys {unknown[:10]}" + (" ..." if len(unknown) > 10 else ""))
+        if wrong:
+            parts.append(
+                "shape mismatch "
+                + ", ".join(
+                    f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:10]
+                )
+            )
+        raise CirError(f"{source}: does not fit this model: {'; '.join(parts)}")
+    import torch
+
+    with torch.no_grad():
+        for key, value in state.items():
+            own[key].copy_(value.to(own[key].device, own[key].dtype))
+
+
 # --------------------------------------------------------------------------------------------
 # Our own format: safetensors + JSON sidecar
 # --------------------------------------------------------------------------------------------

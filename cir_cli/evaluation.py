@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,8 +19,13 @@ from cir_cli import metrics, ranking
 from cir_cli.cache import FeatureCache
 from cir_cli.data import get_dataset
 from cir_cli.data.base import CIRSplit
-from cir_cli.methods.base import CIRMethod
+from cir_cli.data.images import ImageFiles
+from cir_cli.errors import CirError
 from cir_cli.progress import progress_bar
+
+if TYPE_CHECKING:
+    # Typing only: evaluation drives any method through its contract and sits below methods/.
+    from cir_cli.methods.base import CIRMethod
 
 
 def selection_metric(recipe) -> str:
@@ -86,8 +92,6 @@ def compute_representations(
     """Run the method's image path (or `encode`) over image files, decoded in DataLoader
     workers, in eval mode and without gradients."""
     from torch.utils.data import DataLoader
-
-    from cir_cli.data.images import ImageFiles
 
     dataset = ImageFiles([(n, paths[n]) for n in names], model.preprocess)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
@@ -181,8 +185,6 @@ def evaluate_split(
     if has_targets:
         missing = [t.target for t in split.triplets if t.target not in gidx]
         if missing:
-            from cir_cli.errors import CirError
-
             raise CirError(
                 f"{split.label}: {len(missing)} target(s) not in the gallery, e.g. {missing[0]}"
             )

@@ -6,13 +6,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cir_cli.candidates import file_name, from_rankings, write_candidates
 from cir_cli.config import Recipe
-from cir_cli.data import get_dataset, submission_benchmark
+from cir_cli.data import get_dataset, load_eval_splits, submission_benchmark
 from cir_cli.errors import CirError
-from cir_cli.io import refuse_blocked_folder, write_json_atomic
+from cir_cli.io import (
+    read_json,
+    refuse_blocked_folder,
+    require_field,
+    write_json_atomic,
+    write_text_atomic,
+)
+from cir_cli.recipes import validate_recipe
+from cir_cli.runs import (
+    new_run_dir,
+    resolve_checkpoint_ref,
+    resolve_finetune_checkpoint,
+    write_manifest,
+)
 
 if TYPE_CHECKING:
+    from cir_cli.config import CombinerConfig, FinetuneConfig
+    from cir_cli.engine.optim import OptimizerSpec, ScheduleSpec
     from cir_cli.engine.trainer import TrainSettings
+    from cir_cli.evaluation import Evaluation
+    from cir_cli.methods.base import CIRMethod
 
 
 def resolve_refs(
@@ -27,7 +45,6 @@ def resolve_refs(
     ("--checkpoint latest -> runs/x") for the command to print: a log then says which run
     `latest` picked.
     """
-    from cir_cli.engine.checkpointing import resolve_checkpoint_ref
 
     def resolve(ref: str | None, ref_stages: tuple[str, ...]) -> str | None:
         if ref is None or (not fetch and ref.startswith("hf://")):
@@ -46,6 +63,32 @@ def resolve_refs(
     return recipe, resolved, notes
 
 
+def validate(
+    model: CIRMethod,
+    recipe: Recipe,
+    split: str | None = None,
+    use_cache: bool = True,
+    depth: int | None = None,
+) -> Evaluation:
+    """Evaluate `model` on the recipe's dataset split with the dataset's protocol.
+
+    `depth`: keep this many ranked names per query (default: the servers' 50)."""
+    # torch-heavy: this module is imported by `cir ... --dry-run`, which loads no model.
+    from cir_cli.cache import default_cache
+    from cir_cli.evaluation import RANKING_DEPTH, evaluate
+
+    splits = load_eval_splits(recipe, split)
+    return evaluate(
+        model,
+        splits,
+        cache=default_cache(recipe) if use_cache else None,
+        batch_size=recipe.eval.batch_size,
+        num_workers=recipe.data.num_workers,
+        rank_chunk=recipe.eval.rank_chunk,
+        depth=depth or RANKING_DEPTH,
+    )
+
+
 @dataclass
 class ValidationRun:
     metrics: dict[str, float]
@@ -58,8 +101,6 @@ def write_metrics(run_dir: Path, metrics: dict[str, float]) -> None:
     import csv
     import io
     import math
-
-    from cir_cli.io import write_text_atomic
 
     write_json_atomic(run_dir / "metrics.json", metrics)
     buf = io.StringIO()
@@ -83,14 +124,13 @@ def run_validation(
     report_queries: int = 8,
     save_candidates: int | None = None,
 ) -> ValidationRun:
-    from cir_cli import api
-    from cir_cli.runs import new_run_dir, write_manifest
+    from cir_cli.methods.loading import load_model
 
     if report is not None and not Path(report).expanduser().resolve().parent.is_dir():
         raise CirError(f"--report {report}: its folder does not exist")
     _check_candidates_k(save_candidates)
     refuse_blocked_folder(recipe.output.dir)
-    model = api.load_model(recipe, checkpoint=checkpoint, device=recipe.device)
+    model = load_model(recipe, checkpoint=checkpoint, device=recipe.device)
     split_reports = None
     if report is not None:
         # The same evaluation plus per-query ranks and the single-modality ranks (report/).
@@ -100,7 +140,7 @@ def run_validation(
             model, recipe, split, use_cache, depth=save_candidates
         )
     else:
-        evaluation = api.validate(
+        evaluation = validate(
             model, recipe, split=split, use_cache=use_cache, depth=save_candidates
         )
     if not evaluation.metrics:
@@ -170,8 +210,6 @@ def write_candidate_lists(run_dir: Path, evaluation, k: int) -> list[Path]:
     """One candidate list (top-k names + scores per query) per split, beside the manifest."""
     import json
 
-    from cir_cli.candidates import file_name, from_rankings, write_candidates
-
     manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
     source = {
         "run_dir": str(run_dir.resolve()),
@@ -197,8 +235,7 @@ def run_submission(
 ) -> list[Path]:
     """`cir submit <benchmark>`: the test server's files (the dataset's writer), validated,
     written atomically into a new run folder."""
-    from cir_cli import api
-    from cir_cli.runs import new_run_dir, write_manifest
+    from cir_cli.methods.loading import load_model
 
     spec = submission_benchmark(benchmark)
     submission = spec.submission
@@ -210,9 +247,9 @@ def run_submission(
             "data.root)"
         )
     _check_candidates_k(save_candidates)
-    model = api.load_model(recipe, checkpoint=checkpoint, device=recipe.device)
+    model = load_model(recipe, checkpoint=checkpoint, device=recipe.device)
     split_name = submission.split_for(recipe.data.test_split)
-    evaluation = api.validate(model, recipe, split=split_name, depth=save_candidates)
+    evaluation = validate(model, recipe, split=split_name, depth=save_candidates)
     result = evaluation.splits[0]
     run_dir = new_run_dir(recipe.output.dir, recipe.name, f"submit-{spec.name}")
     write_manifest(
@@ -225,8 +262,8 @@ def run_submission(
         run_dir, name or recipe.name, result.split, result.top, result.subset_top
     )
     if save_candidates:
-        return paths + write_candidate_lists(run_dir, evaluation, save_candidates)
-    return paths
+        return list(paths) + write_candidate_lists(run_dir, evaluation, save_candidates)
+    return list(paths)
 
 
 @dataclass
@@ -247,8 +284,6 @@ def _recipe_for_resume(recipe: Recipe | None, resume: str | None) -> Recipe:
     manifest = Path(resume).expanduser() / "manifest.json"
     if not manifest.is_file():
         raise CirError(f"--resume {resume}: not a run folder (no manifest.json)")
-    from cir_cli.io import read_json, require_field
-    from cir_cli.recipes import validate_recipe
 
     data = require_field(read_json(manifest, "run manifest", dict), "recipe", dict, manifest)
     return validate_recipe(data, str(manifest))
@@ -265,24 +300,50 @@ def train_settings(
 ) -> TrainSettings:
     """The trainer's settings of a recipe stage ("finetune" / "combiner"): loop, optimizer and
     lr schedule (engine/optim.py, with the recipe's [fixes] applied)."""
-    from cir_cli.engine.optim import stage_specs
+    from cir_cli.engine.optim import combiner_specs, finetune_specs
+
+    if stage == "finetune":
+        ft = recipe.finetune
+        return _loop_settings(
+            recipe,
+            ft,
+            *finetune_specs(ft, recipe.fixes),
+            stop_after_steps,
+            validate_every_steps=ft.validate_every_steps,
+            validate_at_steps=tuple(ft.validate_at_steps),
+            grad_accum=ft.grad_accum,
+        )
+    # Stage II validates by epoch, one batch per step: [combiner] has no such keys.
+    return _loop_settings(
+        recipe, recipe.combiner, *combiner_specs(recipe.combiner, recipe.fixes), stop_after_steps
+    )
+
+
+def _loop_settings(
+    recipe: Recipe,
+    cfg: FinetuneConfig | CombinerConfig,
+    optimizer: OptimizerSpec,
+    schedule: ScheduleSpec,
+    stop_after_steps: int | None,
+    validate_every_steps: int = 0,
+    validate_at_steps: tuple[int, ...] = (),
+    grad_accum: int = 1,
+) -> TrainSettings:
     from cir_cli.engine.trainer import TrainSettings
 
-    cfg = recipe.finetune if stage == "finetune" else recipe.combiner
-    optimizer_spec, schedule_spec = stage_specs(cfg, recipe.fixes)
     return TrainSettings(
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         seed=recipe.seed,
         max_steps=cfg.max_steps,
         validate_every=cfg.validate_every,
-        validate_every_steps=getattr(cfg, "validate_every_steps", 0),
-        validate_at_steps=tuple(getattr(cfg, "validate_at_steps", ())),
+        validate_every_steps=validate_every_steps,
+        validate_at_steps=validate_at_steps,
         select_initial=recipe.fixes.select_initial_validation,
-        grad_accum=getattr(cfg, "grad_accum", 1),
+        grad_accum=grad_accum,
         amp=stage_amp(recipe, cfg.amp),
-        optimizer=optimizer_spec,
-        schedule=schedule_spec,
+        optimizer=optimizer,
+        schedule=schedule,
         num_workers=recipe.data.num_workers,
         log_every=recipe.logging.log_every,
         save_every_steps=cfg.save_every_steps,
@@ -297,28 +358,23 @@ def run_training(
     stop_after_steps: int | None = None,
 ) -> TrainingRun:
     """`cir finetune` (stage="finetune") and `cir train-combiner` (stage="combiner")."""
-    from cir_cli import api
-    from cir_cli.engine.distributed import broadcast_object, init_distributed, shutdown_distributed
+    from cir_cli.engine.distributed import (
+        broadcast_object,
+        init_distributed,
+        resolve_device,
+        shutdown_distributed,
+    )
     from cir_cli.engine.run_log import RunLog, start_comet
+    from cir_cli.engine.seeding import seed_everything
     from cir_cli.engine.trainer import Trainer
     from cir_cli.methods import build_method
-    from cir_cli.runs import new_run_dir, write_manifest
 
-    recipe = _recipe_for_resume(recipe, resume)
-    from cir_cli.engine.checkpointing import resolve_checkpoint_ref
-
-    base = resolve_checkpoint_ref(
-        recipe.finetune.checkpoint, recipe.output.dir, recipe.name, ("finetune",)
-    )
-    if base != recipe.finetune.checkpoint:  # `latest` or hf://
-        recipe = recipe.model_copy(deep=True)
-        recipe.finetune.checkpoint = base
-    dist_info, device = init_distributed(api.resolve_device(recipe.device))
+    recipe = resolve_finetune_checkpoint(_recipe_for_resume(recipe, resume))
+    dist_info, device = init_distributed(resolve_device(recipe.device))
     try:
-        api.seed_everything(recipe.seed)
+        seed_everything(recipe.seed)
         model = build_method(recipe)
-        task_factory = {"finetune": "finetune_task", "combiner": "combiner_task"}[stage]
-        if not hasattr(model, task_factory):
+        if not model.has_stage(stage):
             raise CirError(f"method {recipe.method.name} has no {stage} stage")
         if stage == "combiner" and recipe.finetune.checkpoint:
             model.load_checkpoint(recipe.finetune.checkpoint)
@@ -330,7 +386,7 @@ def run_training(
                 new_run_dir(recipe.output.dir, recipe.name, stage) if dist_info.is_main else None
             )
             run_dir = Path(broadcast_object(str(run_dir) if run_dir else None))
-        task = getattr(model, task_factory)(device)
+        task = model.training_task(stage, device)
         if dist_info.is_main:
             write_manifest(
                 run_dir,

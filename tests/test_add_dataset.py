@@ -12,11 +12,12 @@ import torch
 from PIL import Image
 
 from cir_cli import api
+from cir_cli.config import Recipe
 from cir_cli.data import DATASETS, get_dataset, load_split, train_caption_policy
 from cir_cli.errors import CirError
 from cir_cli.evaluation import evaluate, selection_metric
 from cir_cli.methods.base import CIRMethod
-from cir_cli.recipes import Recipe, load_recipe
+from cir_cli.recipes import load_recipe
 from tests import tiny_dataset as tiny_module
 from tests.tiny_dataset import tiny_dataset  # noqa: F401  (the fixture)
 

@@ -154,7 +154,7 @@ def test_two_gloo_processes_match_one_process(toy_root: Path, tmp_path: Path) ->
 def _ddp_worker(rank: int, world: int, init_file: str, queue) -> None:
     import torch.distributed as dist
 
-    from cir_cli.engine.common import contrastive_loss
+    from cir_cli.engine.losses import contrastive_loss
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
@@ -197,7 +197,7 @@ def _contrastive_grads(rank: int, world: int, loss_fn):
 def test_all_gathered_contrastive_loss_gives_the_single_process_gradient(tmp_path: Path):
     import torch.multiprocessing as mp
 
-    from cir_cli.engine.common import contrastive_loss
+    from cir_cli.engine.losses import contrastive_loss
 
     expected = _contrastive_grads(0, 1, contrastive_loss)
     ctx = mp.get_context("spawn")

@@ -211,7 +211,7 @@ def _one_line(result) -> str:
 def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path: Path, monkeypatch):
     """ENOSPC injected into the writes of the second `last` save: one line with the free
     space, the first `last` checkpoint intact, no staging folder left."""
-    from cir_cli.engine.checkpointing import save_run_checkpoint
+    from cir_cli.runs import save_run_checkpoint
 
     run = tmp_path / "run"
     weights = {"w": torch.arange(6.0)}
@@ -272,8 +272,8 @@ def test_disk_full_on_a_real_small_tmpfs(small_toy: Path, tmp_path: Path) -> Non
     if not _mount_tmpfs(mount, "256k"):
         pytest.skip("mounting a tmpfs needs root on Linux (the injected ENOSPC test covers it)")
     try:
-        from cir_cli.engine.checkpointing import save_run_checkpoint
         from cir_cli.errors import CirError
+        from cir_cli.runs import save_run_checkpoint
 
         small = save_run_checkpoint(mount, "last", {"w": torch.ones(8)}, {"step": 1}, {"step": 1})
         before = {p.name: p.read_bytes() for p in small.iterdir()}
@@ -417,7 +417,7 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
 
 
 def test_checkpoints_respect_the_umask(tmp_path: Path) -> None:
-    from cir_cli.engine.checkpointing import save_run_checkpoint
+    from cir_cli.runs import save_run_checkpoint
 
     old = os.umask(0o022)
     try:
@@ -430,7 +430,7 @@ def test_checkpoints_respect_the_umask(tmp_path: Path) -> None:
 
 
 def test_stale_staging_folders_are_removed_at_the_next_start(tmp_path: Path) -> None:
-    from cir_cli.engine.checkpointing import remove_stale_checkpoint_temps
+    from cir_cli.runs import remove_stale_checkpoint_temps
 
     root = tmp_path / "checkpoints"
     (root / ".last.abc123").mkdir(parents=True)

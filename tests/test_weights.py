@@ -221,7 +221,7 @@ def test_get_fetches_hub_files_then_hf_ref_works_offline(hub: dict, tmp_path: Pa
     assert check.returncode == 0, check.stdout + check.stderr
     assert "[ok] --checkpoint = hf://test-org/test-repo/phi.pt" in check.stdout
     code = (
-        "from cir_cli.engine.checkpointing import resolve_checkpoint_ref as r; "
+        "from cir_cli.runs import resolve_checkpoint_ref as r; "
         f"print(r('{ref}', 'runs', 'x', ('finetune',)))"
     )
     resolved = subprocess.run(

@@ -50,8 +50,11 @@ from cir_cli.backbones.blip2_convert import (
     convert_vision_state,
     summarize_dropped,
 )
+from cir_cli.cache import memoised_fingerprint
 from cir_cli.checkpoints import load_state_dict_strict, load_torch_checkpoint
+from cir_cli.data import toy
 from cir_cli.errors import CirError
+from cir_cli.weights import looks_local
 
 if TYPE_CHECKING:
     from cir_cli.config import Blip2BackboneConfig
@@ -184,8 +187,6 @@ def tiny_vocab() -> list[str]:
     Built from the toy generator's templates and attribute names, so every toy caption maps to
     whole-word ids; letters and `##letters` make any other text tokenisable too.
     """
-    from cir_cli.data import toy
-
     words: set[str] = set()
     texts = [t for ts in toy.TEMPLATES.values() for t in ts]
     texts += [*toy.SHAPES, *toy.COLOURS, *toy.SIZES, *toy.POSITIONS.values(), *toy.MOVES]
@@ -460,14 +461,12 @@ class Blip2Backbone(QFormerPaths, nn.Module):
             raise CirError(f"backbone.arch '{arch}' is not a BLIP-2 arch; known: {_known()}")
         tokenizer = load_bert_tokenizer(config.tokenizer or ARCHS[arch]["tokenizer"])
         hf_state = None
-        if config.pretrained and not Path(config.pretrained).expanduser().exists():
-            from cir_cli.weights import looks_local
-
-            # A mistyped local path must not read as a hub error ("Repo id must be ...").
-            if looks_local(config.pretrained):
-                raise CirError(
-                    f"backbone.pretrained: not found: {Path(config.pretrained).expanduser()}"
-                )
+        # A mistyped local path must not read as a hub error ("Repo id must be ...").
+        missing = config.pretrained and not Path(config.pretrained).expanduser().exists()
+        if missing and looks_local(config.pretrained):
+            raise CirError(
+                f"backbone.pretrained: not found: {Path(config.pretrained).expanduser()}"
+            )
         if config.pretrained and not Path(config.pretrained).expanduser().is_file():
             # Read (or fail to find) the transformers weights before building a 1 B-parameter
             # model only to discard it.
@@ -594,8 +593,6 @@ class Blip2Backbone(QFormerPaths, nn.Module):
 
     def vision_fingerprint(self) -> str:
         """Content hash of the frozen ViT, memoised while its tensors are unchanged."""
-        from cir_cli.methods.base import memoised_fingerprint
-
         return memoised_fingerprint(self.vision_model)
 
     def token_cache_key(self, precision: str, preprocessing: str) -> str:

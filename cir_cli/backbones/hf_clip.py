@@ -140,10 +140,6 @@ class HfClipBackbone(nn.Module):
     def feature_dim(self) -> int:
         return int(self.text.config.projection_dim)
 
-    @property
-    def token_width(self) -> int:
-        return int(self.text.config.hidden_size)
-
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))
 

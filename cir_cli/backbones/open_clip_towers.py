@@ -20,8 +20,10 @@ import open_clip
 import torch
 from torch import nn
 
+from cir_cli.cache import memoised_fingerprint
 from cir_cli.checkpoints import load_state_dict_strict, load_torch_checkpoint
 from cir_cli.errors import CirError
+from cir_cli.weights import missing_hint
 
 if TYPE_CHECKING:
     from cir_cli.config import OpenClipBackboneConfig
@@ -79,8 +81,6 @@ class OpenClipBackbone(nn.Module):
         local = Path(pretrained).expanduser() if pretrained else None
         if pretrained and (local.exists() or "/" in pretrained or local.suffix):
             if not local.is_file():
-                from cir_cli.weights import missing_hint
-
                 raise CirError(
                     f"backbone.pretrained: weights file not found: {local}"
                     + missing_hint(str(local))
@@ -158,8 +158,6 @@ class OpenClipBackbone(nn.Module):
         """
         pool = getattr(self.model.visual, "attnpool", None)
         if pool is None:
-            from cir_cli.errors import CirError
-
             raise CirError(
                 f"backbone.arch '{self.arch}': CaLa's CLIP variant needs a ResNet image tower "
                 "with an attention pool (RN50x4, cir-tiny-rn)"
@@ -195,8 +193,6 @@ class OpenClipBackbone(nn.Module):
 
     def image_fingerprint(self) -> str:
         """Content hash of the image tower (memoised while its weights are unchanged)."""
-        from cir_cli.methods.base import memoised_fingerprint
-
         return memoised_fingerprint(self.model.visual)
 
     def image_cache_key(self, preprocessing: str) -> str:

@@ -52,8 +52,8 @@ def prepare(
         return
     if dataset == "toy-lincir":
         # LinCIR is zero-shot: it needs an aligned CLIP (trained here on the toy *train* split
-        # only) and a text corpus; see cir_cli/data/toy_lincir.py.
-        from cir_cli.data.toy_lincir import prepare_toy_lincir
+        # only) and a text corpus; see cir_cli/backbones/toy_clip.py.
+        from cir_cli.backbones.toy_clip import prepare_toy_lincir
 
         clip, texts = prepare_toy_lincir(root or Path("data/toy"), seed=seed)
         console.print(f"wrote {clip} and {texts}")

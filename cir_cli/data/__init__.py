@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cir_cli.data import circo, cirr, fashioniq, genecis
 from cir_cli.data.base import CIRSplit, DatasetSpec, Submission, Triplet
 from cir_cli.errors import CirError
+
+if TYPE_CHECKING:
+    from cir_cli.config import Recipe
 
 # Adding a dataset: one module that parses its layout into `CIRSplit`s and declares its
 # `DatasetSpec` (loading and protocol), plus a line here (or `register_dataset` from outside).
@@ -93,6 +97,14 @@ def load_train_split(
     return spec.merge(splits)
 
 
+def load_eval_splits(recipe: Recipe, split: str | None = None) -> list[CIRSplit]:
+    """The recipe's evaluation split (`split`, default eval.split) as `CIRSplit`s."""
+    data = recipe.data
+    root = Path(data.root).expanduser()
+    categories = recipe_categories(data.dataset, data.categories)
+    return load_split(data.dataset, root, split or recipe.eval.split, categories)
+
+
 __all__ = [
     "DATASETS",
     "CIRSplit",
@@ -100,6 +112,7 @@ __all__ = [
     "Submission",
     "Triplet",
     "get_dataset",
+    "load_eval_splits",
     "load_split",
     "load_train_split",
     "recipe_categories",

@@ -1,25 +1,15 @@
-"""Inputs of the `toy_lincir` recipe: a tiny *aligned* CLIP and a text corpus, from the toy data.
-
-LinCIR is zero-shot: it needs a CLIP whose image and text features already agree, and trains
-only Phi, on text. A random tiny CLIP has no such agreement (any zero-shot method is at chance
-with it), so this module first trains the tiny open_clip config `cir-tiny` contrastively on the
-toy *training* images paired with descriptions of their attributes ("a small red circle in the
-top left corner"); the toy val/test images are never seen. It writes, under `<toy root>/lincir/`:
-
-- `tiny_clip.safetensors`: the CLIP state dict (open_clip keys; `backbone.pretrained`),
-- `texts.txt`: captions generated from the toy vocabulary (`method.text_files`).
-
-Run once after `cir prepare toy`:  cir prepare toy-lincir --root data/toy
-(or python -m cir_cli.data.toy_lincir --root data/toy)
+"""The toy data side of the `toy_lincir` recipe: the toy *training* images with descriptions of
+their attributes ("a small red circle in the top left corner"), what the tiny aligned CLIP of
+backbones/toy_clip.py is trained on (`cir prepare toy-lincir`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
 
+from cir_cli.data.toy import POSITIONS
 from cir_cli.errors import CirError
 
 CLIP_TEMPLATES = (
@@ -30,7 +20,8 @@ CLIP_TEMPLATES = (
 )
 
 
-def _train_images(root: Path) -> list[tuple[Path, dict]]:
+def train_images(root: Path) -> list[tuple[Path, dict]]:
+    """(image path, attributes) of every toy training image (val/test are never seen)."""
     meta_path = root / "toy_meta.json"
     split_path = root / "cirr" / "image_splits" / "split.rc2.train.json"
     if not meta_path.is_file() or not split_path.is_file():
@@ -43,94 +34,7 @@ def _train_images(root: Path) -> list[tuple[Path, dict]]:
 
 
 def describe(attrs: dict, rng: random.Random) -> str:
-    from cir_cli.data.toy import POSITIONS
-
     pos = POSITIONS[(int(attrs["row"]), int(attrs["col"]))]
     return rng.choice(CLIP_TEMPLATES).format(
         size=attrs["size"], colour=attrs["colour"], shape=attrs["shape"], pos=pos
     )
-
-
-def train_toy_clip(
-    root: Path,
-    out: Path,
-    steps: int = 2000,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    seed: int = 0,
-    log_every: int = 100,
-) -> Path:
-    """Contrastively train open_clip `cir-tiny` on toy train images + attribute descriptions."""
-    import open_clip
-    import torch
-    import torch.nn.functional as F
-
-    import cir_cli.backbones.open_clip_towers  # noqa: F401  (registers cir-tiny)
-    from cir_cli.data.images import open_rgb
-    from cir_cli.data.transforms import build_transform
-
-    torch.manual_seed(seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rng = random.Random(f"cir-toy-clip/{seed}")
-    items = _train_images(Path(root))
-    model = open_clip.create_model("cir-tiny", pretrained=None)
-    tokenizer = open_clip.get_tokenizer("cir-tiny")
-    transform = build_transform("clip", 64)
-    pixels = torch.stack([transform(open_rgb(path)) for path, _ in items]).to(device)
-    model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    model.train()
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 30)
-        batch = rng.sample(range(len(items)), batch_size)
-        texts = tokenizer([describe(items[i][1], rng) for i in batch]).to(device)
-        image = F.normalize(model.encode_image(pixels[batch]), dim=-1)
-        text = F.normalize(model.encode_text(texts), dim=-1)
-        logits = model.logit_scale.exp().clamp(max=100) * image @ text.T
-        labels = torch.arange(batch_size, device=device)
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if log_every and (step + 1) % log_every == 0:
-            print(f"toy CLIP step {step + 1}/{steps} loss {float(loss):.3f}", flush=True)
-    from safetensors.torch import save_file
-
-    from cir_cli.io import atomic_path
-
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out) as tmp:
-        save_file(state, str(tmp))
-    return out
-
-
-def prepare_toy_lincir(
-    root: Path, steps: int = 2000, n_texts: int = 20_000, seed: int = 0
-) -> tuple[Path, Path]:
-    """Write `<root>/lincir/tiny_clip.safetensors` and `<root>/lincir/texts.txt`."""
-    from cir_cli.data.text_corpus import toy_text_lines
-    from cir_cli.io import write_text_atomic
-
-    root = Path(root)
-    folder = root / "lincir"
-    texts = folder / "texts.txt"
-    folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(texts, "\n".join(toy_text_lines(n_texts, seed)) + "\n")
-    clip = train_toy_clip(root, folder / "tiny_clip.safetensors", steps=steps, seed=seed)
-    return clip, texts
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default="data/toy", help="toy dataset (CIRR layout)")
-    parser.add_argument("--steps", type=int, default=2000, help="CLIP training steps")
-    parser.add_argument("--texts", type=int, default=20_000, help="text lines to generate")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    clip, texts = prepare_toy_lincir(Path(args.root), args.steps, args.texts, args.seed)
-    print(f"wrote {clip} and {texts}")
-
-
-if __name__ == "__main__":
-    main()

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cir_cli.errors import CirError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -27,6 +29,26 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """`--device`: cpu, cuda, cuda:N or auto (CUDA when available), checked against the machine."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise CirError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise CirError(f"--device {device}: CUDA is not available on this machine")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise CirError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+            f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+        )
+    if resolved.type not in ("cpu", "cuda"):
+        raise CirError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto")
+    return resolved
 
 
 def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
@@ -91,3 +113,15 @@ def broadcast_object(obj):
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def global_batch(local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the rows of all ranks, gathered with gradients; the index of each local row in them).
+
+    One process: (local, arange(B)). Under torchrun rank k's rows sit at k*B .. k*B + B - 1.
+    """
+    all_rows = gather_with_grad(local)
+    offset = 0
+    if all_rows.shape[0] != local.shape[0]:
+        offset = dist.get_rank() * local.shape[0]
+    return all_rows, torch.arange(local.shape[0], device=local.device) + offset

@@ -29,10 +29,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from cir_cli.errors import CirError
+
+if TYPE_CHECKING:
+    from cir_cli.config import CombinerConfig, FinetuneConfig, FixesConfig
 
 # --------------------------------------------------------------------------------------------
 # Optimizer
@@ -66,8 +71,6 @@ def build_optimizer(spec: OptimizerSpec, groups: list[dict[str, Any]]) -> torch.
             # the multi-tensor update: same arithmetic, far fewer kernel launches
             foreach=True,
         )
-    from cir_cli.errors import CirError
-
     raise CirError(f"optimizer {spec.name!r} is not known; expected 'adamw' or 'adam'")
 
 
@@ -193,8 +196,6 @@ def onecycle_schedule(spec: ScheduleSpec, ctx: ScheduleContext) -> tuple[float, 
 def schedule_factor(spec: ScheduleSpec, ctx: ScheduleContext) -> tuple[float, float | None]:
     """(lr multiplier of the scheduled groups, beta1 or None) at ctx, warm-up included."""
     if spec.name not in SCHEDULES:
-        from cir_cli.errors import CirError
-
         known = ", ".join(sorted(SCHEDULES))
         raise CirError(f"scheduler {spec.name!r} is not known; expected one of {known}")
     factor, beta1 = SCHEDULES[spec.name](spec, ctx)
@@ -244,31 +245,56 @@ class LrSchedule:
                 group["betas"] = (beta1, group["betas"][1])
 
 
-def stage_specs(cfg: Any, fixes: Any = None) -> tuple[OptimizerSpec, ScheduleSpec]:
-    """(optimizer, schedule) of a recipe stage section ([finetune] or [combiner]), with the
-    recipe's [fixes] applied (a Combiner section's default schedule is constant)."""
+def finetune_specs(
+    cfg: FinetuneConfig, fixes: FixesConfig | None = None
+) -> tuple[OptimizerSpec, ScheduleSpec]:
+    """(optimizer, schedule) of a [finetune] section, with the recipe's [fixes] applied."""
     optimizer = OptimizerSpec(
-        name=getattr(cfg, "optimizer", "adamw"),
+        name=cfg.optimizer,
         lr=cfg.lr,
-        betas=tuple(getattr(cfg, "betas", (0.9, 0.999))),
-        eps=getattr(cfg, "eps", 1e-8),
-        weight_decay=getattr(cfg, "weight_decay", 0.0),
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
     )
-    name = getattr(cfg, "scheduler", "constant")
-    span = getattr(cfg, "schedule_epochs", None)
-    if fixes is not None and name == "epoch_cosine" and fixes.step_cosine:
-        name = "cosine"
-    if fixes is not None and name == "onecycle" and fixes.onecycle_spans_run:
-        span = None
     schedule = ScheduleSpec(
-        name=name,
-        warmup_steps=getattr(cfg, "warmup_steps", 0),
-        min_lr=getattr(cfg, "min_lr", 0.0),
-        span_epochs=span,
-        groups=getattr(cfg, "schedule_groups", "all"),
-        pct_start=getattr(cfg, "pct_start", 0.3),
-        div_factor=getattr(cfg, "div_factor", 25.0),
-        final_div_factor=getattr(cfg, "final_div_factor", 1e4),
-        cycle_momentum=getattr(cfg, "cycle_momentum", True),
+        name=cfg.scheduler,
+        warmup_steps=cfg.warmup_steps,
+        min_lr=cfg.min_lr,
+        span_epochs=cfg.schedule_epochs,
+        groups=cfg.schedule_groups,
+        pct_start=cfg.pct_start,
+        div_factor=cfg.div_factor,
+        final_div_factor=cfg.final_div_factor,
+        cycle_momentum=cfg.cycle_momentum,
     )
-    return optimizer, schedule
+    return optimizer, apply_schedule_fixes(schedule, fixes)
+
+
+def combiner_specs(
+    cfg: CombinerConfig, fixes: FixesConfig | None = None
+) -> tuple[OptimizerSpec, ScheduleSpec]:
+    """(optimizer, schedule) of a [combiner] section, with the recipe's [fixes] applied.
+
+    The section has no betas / eps / onecycle keys: torch's Adam(W) and OneCycleLR defaults
+    (the specs' defaults) hold."""
+    optimizer = OptimizerSpec(name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = ScheduleSpec(
+        name=cfg.scheduler,
+        warmup_steps=cfg.warmup_steps,
+        min_lr=cfg.min_lr,
+        span_epochs=cfg.schedule_epochs,
+        groups=cfg.schedule_groups,
+    )
+    return optimizer, apply_schedule_fixes(schedule, fixes)
+
+
+def apply_schedule_fixes(schedule: ScheduleSpec, fixes: FixesConfig | None) -> ScheduleSpec:
+    """[fixes] step_cosine: BLIP's per-epoch cosine becomes per step; onecycle_spans_run: the
+    one-cycle spans the whole run, not schedule_epochs."""
+    if fixes is None:
+        return schedule
+    if schedule.name == "epoch_cosine" and fixes.step_cosine:
+        schedule = replace(schedule, name="cosine")
+    if schedule.name == "onecycle" and fixes.onecycle_spans_run:
+        schedule = replace(schedule, span_epochs=None)
+    return schedule

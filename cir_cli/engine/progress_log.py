@@ -29,6 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from cir_cli.errors import CirError
+from cir_cli.io import atomic_path, read_text, write_json_atomic
+from cir_cli.progress import bars_visible
+
 TRAIN_LOG = "train_log.csv"
 # Where the run stands (step, planned steps, pid / host, finished): what `cir runs` reads.
 PROGRESS = "progress.json"
@@ -142,8 +146,6 @@ class StepLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            from cir_cli.errors import CirError
-
             raise CirError(
                 "logging.tensorboard = true needs the tensorboard package: "
                 "pip install 'cir-cli[tensorboard]'"
@@ -153,33 +155,29 @@ class StepLog:
     def _show_lines(self) -> bool:
         if self.plain_lines is not None:
             return self.plain_lines
-        from cir_cli.progress import bars_visible
-
         return not bars_visible()
 
     def resume(self, step: int) -> None:
         """Keep the rows up to `step` (a resumed run repeats what came after its checkpoint)."""
+        if self.path.is_file():
+            truncate_csv(self.path, lambda _i, row: step_of(row) <= step)
+        self.continue_after_last_row()
+
+    def continue_after_last_row(self) -> None:
+        """Append to the rows already in train_log.csv: its columns, and the run's elapsed
+        time from its last row (the file was cut back to the checkpoint before, by `resume` or
+        by RunLog.rewind)."""
         if not self.path.is_file():
             return
         with self.path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             columns = list(reader.fieldnames or [])
-            rows = []
-            for row in reader:
-                try:
-                    if int(row["step"]) <= step:
-                        rows.append(row)
-                except (KeyError, TypeError, ValueError):
-                    break  # a line cut by the crash ends the readable part
-        from cir_cli.io import atomic_path
-
-        with atomic_path(self.path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as out:
-            writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        if rows:
+            last = None
+            for last in reader:  # noqa: B007 (only the last row is wanted)
+                pass
+        if last is not None:
             try:
-                self._elapsed_before = float(rows[-1].get("elapsed_s") or 0.0)
+                self._elapsed_before = float(last.get("elapsed_s") or 0.0)
             except ValueError:
                 self._elapsed_before = 0.0
         self._columns = columns or None
@@ -228,8 +226,6 @@ class StepLog:
             stream.flush()
 
     def write_state(self, **values: Any) -> None:
-        from cir_cli.io import write_json_atomic
-
         self.state.update(values)
         self.state["updated"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         write_json_atomic(self.run_dir / PROGRESS, self.state)
@@ -261,3 +257,30 @@ def peak_gpu_bytes(device: Any) -> int | None:
     import torch
 
     return int(torch.cuda.max_memory_allocated(device))
+
+
+def step_of(row: dict[str, str]) -> float:
+    try:
+        return float(row.get("step") or "nan")
+    except ValueError:
+        return math.nan
+
+
+def truncate_csv(path: Path, keep) -> None:
+    """Rewrite a CSV log with only the rows `keep(index, row)` accepts (atomic, text kept)."""
+    lines = read_text(path, "CSV log").splitlines(keepends=True)
+    if not lines:
+        return
+    header = next(csv.reader(lines[:1]))
+    if path.name != "metrics.csv" and "step" not in header:
+        return  # not a per-step log
+    kept = [lines[0]]
+    for i, line in enumerate(lines[1:]):
+        fields = next(csv.reader([line]), [])
+        if not line.endswith("\n") or len(fields) != len(header):
+            continue  # a row a kill cut off mid-append
+        if keep(i, dict(zip(header, fields, strict=True))):
+            kept.append(line)
+    if len(kept) != len(lines):
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(kept), encoding="utf-8")

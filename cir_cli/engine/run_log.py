@@ -11,7 +11,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cir_cli.engine.progress_log import StepLog, StepRecord, peak_gpu_bytes
+from cir_cli.engine.curves import plot_curves as draw_curves
+from cir_cli.engine.progress_log import (
+    StepLog,
+    StepRecord,
+    peak_gpu_bytes,
+    step_of,
+    truncate_csv,
+)
+from cir_cli.errors import CirError
 from cir_cli.io import atomic_path
 
 
@@ -29,7 +37,6 @@ class RunLog:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.comet = comet
-        self.epoch_losses: list[tuple[int, float]] = []
         self.history: list[dict[str, float]] = []
         self.every_steps = every_steps
         self.every_seconds = every_seconds
@@ -81,9 +88,9 @@ class RunLog:
             if self._selection:
                 self.steps.state["selection_metric"] = self._selection
         if not self._resume_checked:
-            # A resumed run starts after its checkpoint: rows logged past it are repeated now.
+            # A resumed run appends after the rows `rewind` kept (the only place that cuts them).
             self._resume_checked = True
-            self.steps.resume(step - 1)
+            self.steps.continue_after_last_row()
         rate = max(samples_per_second, 1e-9)
         record = StepRecord(
             step=step,
@@ -109,7 +116,6 @@ class RunLog:
     def epoch(self, epoch: int, loss: float) -> None:
         if not self.enabled:
             return
-        self.epoch_losses.append((epoch, loss))
         if self.comet is not None and not math.isnan(loss):
             self.comet.log_metric("train/epoch_loss", loss, epoch=epoch)
 
@@ -121,9 +127,9 @@ class RunLog:
             return
         for path in sorted(self.run_dir.glob("*.csv")):
             if path.name == "metrics.csv" and history_rows is not None:
-                _truncate_csv(path, lambda i, _row: i < history_rows)
+                truncate_csv(path, lambda i, _row: i < history_rows)
             else:
-                _truncate_csv(path, lambda _i, row: _step_of(row) <= step)
+                truncate_csv(path, lambda _i, row: step_of(row) <= step)
 
     def load_history(self) -> list[dict[str, float]]:
         path = self.run_dir / "metrics.csv"
@@ -164,40 +170,7 @@ class RunLog:
 
     def plot_curves(self, selection_metric: str) -> None:
         """curves.png from train_log.csv (per step) and metrics.csv (per validation)."""
-        from cir_cli.engine.curves import plot_curves
-
-        plot_curves(self.run_dir, selection_metric)
-
-
-def _step_of(row: dict[str, str]) -> float:
-    try:
-        return float(row.get("step") or "nan")
-    except ValueError:
-        return math.nan
-
-
-def _truncate_csv(path: Path, keep) -> None:
-    """Rewrite a CSV log with only the rows `keep(index, row)` accepts (atomic, text kept)."""
-    import csv
-
-    from cir_cli.io import read_text
-
-    lines = read_text(path, "CSV log").splitlines(keepends=True)
-    if not lines:
-        return
-    header = next(csv.reader(lines[:1]))
-    if path.name != "metrics.csv" and "step" not in header:
-        return  # not a per-step log
-    kept = [lines[0]]
-    for i, line in enumerate(lines[1:]):
-        fields = next(csv.reader([line]), [])
-        if not line.endswith("\n") or len(fields) != len(header):
-            continue  # a row a kill cut off mid-append
-        if keep(i, dict(zip(header, fields, strict=True))):
-            kept.append(line)
-    if len(kept) != len(lines):
-        with atomic_path(path) as tmp:
-            tmp.write_text("".join(kept), encoding="utf-8")
+        draw_curves(self.run_dir, selection_metric)
 
 
 def start_comet(logging_config: Any, run_dir: Path, recipe_dict: dict, project_default: str):
@@ -209,8 +182,6 @@ def start_comet(logging_config: Any, run_dir: Path, recipe_dict: dict, project_d
     try:
         import comet_ml
     except ImportError:
-        from cir_cli.errors import CirError
-
         raise CirError(
             "logging.comet = true needs comet-ml: pip install 'cir-cli[comet]'"
         ) from None
@@ -223,8 +194,6 @@ def start_comet(logging_config: Any, run_dir: Path, recipe_dict: dict, project_d
         )
     else:
         if not os.environ.get("COMET_API_KEY"):
-            from cir_cli.errors import CirError
-
             raise CirError(
                 "logging.comet = true needs COMET_API_KEY in the environment "
                 "(or set logging.comet_offline = true)"

@@ -25,16 +25,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from cir_cli.engine.checkpointing import (
-    latest_training_state,
-    remove_stale_checkpoint_temps,
-    save_run_checkpoint,
-)
 from cir_cli.engine.distributed import DistInfo
 from cir_cli.engine.optim import LrSchedule, OptimizerSpec, ScheduleSpec, build_optimizer
 from cir_cli.engine.run_log import RunLog
 from cir_cli.engine.sampler import GlobalBatchSampler
+from cir_cli.engine.seeding import seed_everything
+from cir_cli.errors import CirError
 from cir_cli.progress import progress_bar
+from cir_cli.runs import (
+    checkpoint_folder,
+    latest_training_state,
+    remove_stale_checkpoint_temps,
+    save_run_checkpoint,
+)
 
 
 class TrainingTask(Protocol):
@@ -211,8 +214,6 @@ class Trainer:
         )
         batches_per_epoch = sampler.batches_per_epoch()
         if batches_per_epoch == 0:
-            from cir_cli.errors import CirError
-
             raise CirError(
                 f"{task.num_samples()} training samples do not fill one batch of {s.batch_size}; "
                 "lower the stage's batch_size"
@@ -288,8 +289,6 @@ class Trainer:
             if not self.dist.is_main:
                 return
             if metrics and task.selection_metric not in metrics:
-                from cir_cli.errors import CirError
-
                 raise CirError(
                     f"eval.selection_metric '{task.selection_metric}' is not among the "
                     f"validation metrics: {', '.join(sorted(metrics))}"
@@ -320,8 +319,6 @@ class Trainer:
             # Seeded here, not only before the task was built: building it may have encoded
             # images (cold cache) or not (warm), and training (dropout, random tokens) must
             # draw the same numbers either way.
-            from cir_cli.api import seed_everything
-
             seed_everything(s.seed)
         if fresh and s.validate_before:
             # Not a `best` candidate unless asked (or nothing will train after it).
@@ -422,11 +419,8 @@ class Trainer:
         return result
 
     def _non_finite_loss(self, step: int, value: float, parts: dict[str, float]) -> None:
-        from cir_cli.engine.checkpointing import _checkpoint_folder
-        from cir_cli.errors import CirError
-
         bad = [k for k, v in parts.items() if isinstance(v, float) and not math.isfinite(v)]
         terms = f" (non-finite term: {', '.join(bad)})" if bad else ""
-        last = _checkpoint_folder(self.run_dir / "checkpoints", "last")
+        last = checkpoint_folder(self.run_dir / "checkpoints", "last")
         kept = f"; last good checkpoint kept: {last}" if last else "; no checkpoint was saved yet"
         raise CirError(f"training stopped at step {step}: the loss is {value}{terms}{kept}")

@@ -15,17 +15,23 @@ max over them; LinCIR builds the query from text alone with a pseudo-token from 
 
 from __future__ import annotations
 
-import hashlib
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from cir_cli.checkpoints import extract_state_dict, load_state_dict_strict
+from cir_cli.checkpoints import (
+    extract_state_dict,
+    is_safetensors,
+    load_named_state,
+    load_state_dict_strict,
+    load_weights,
+)
 from cir_cli.data.transforms import build_transform, resolve_crop, resolve_rgb_order
 from cir_cli.errors import CirError
 from cir_cli.modules import Combiner
 from cir_cli.modules.combiner import infer_combiner_dims
+from cir_cli.runs import resolve_weights_file
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -36,39 +42,14 @@ if TYPE_CHECKING:
     from cir_cli.data.base import CIRSplit
 
 
-def state_fingerprint(*modules: nn.Module) -> str:
-    """A content hash of the modules' weights and buffers (the feature-cache key's core)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for module in modules:
-        for name, tensor in sorted(module.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(str(tuple(tensor.shape)).encode())
-            digest.update(str(tensor.dtype).encode())
-            data = tensor.detach().to("cpu").contiguous()
-            if data.dtype == torch.bfloat16:
-                data = data.view(torch.int16)
-            digest.update(data.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def memoised_fingerprint(module: nn.Module) -> str:
-    """`state_fingerprint(module)`, recomputed only when one of its tensors was replaced or
-    modified in place (storage pointer, version counter and dtype guard the memo), so cache
-    keys of large frozen towers are not re-hashed at every validation."""
-    tensors = list(module.state_dict().values())
-    guard = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
-    memo = module.__dict__.get("_cir_fingerprint")
-    if memo is None or memo[0] != guard:
-        memo = (guard, state_fingerprint(module))
-        module.__dict__["_cir_fingerprint"] = memo
-    return memo[1]
-
-
 class CIRMethod(nn.Module):
     """Base class of all methods (see the module docstring for the contract)."""
 
     #: registry name, set by subclasses
     name: str = ""
+    #: the training stages and the factory of each: a method that trains defines the factory
+    #: (`finetune_task`, and `combiner_task` for a second stage) returning a `TrainingTask`.
+    STAGE_TASKS = {"finetune": "finetune_task", "combiner": "combiner_task"}
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
@@ -76,6 +57,20 @@ class CIRMethod(nn.Module):
         # This method's own [method] section (the class it registered), read as self.cfg.
         self.cfg = recipe.method
         self._transform = None
+
+    # -- training ----------------------------------------------------------------------------
+
+    def has_stage(self, stage: str) -> bool:
+        return hasattr(self, self.STAGE_TASKS[stage])
+
+    def training_task(self, stage: str, device: torch.device) -> Any:
+        """Set the model up for `stage` and return that stage's `TrainingTask`.
+
+        The factory changes the model, on purpose: it drops or adds the Combiner, freezes or
+        unfreezes towers, turns on gradient checkpointing, adds an EMA copy, as the stage
+        needs. Call it once per run, on the model that will train, after it moved to `device`.
+        """
+        return getattr(self, self.STAGE_TASKS[stage])(device)
 
     # -- preprocessing ---------------------------------------------------------------------
 
@@ -176,11 +171,6 @@ class CIRMethod(nn.Module):
     def load_checkpoint(self, path: str, _chain: tuple[Path, ...] = ()) -> None:
         """Load trained weights: our checkpoints (a run dir, a checkpoint dir or the
         .safetensors of the trained tensors) or a file in the method's published layout."""
-        from cir_cli.checkpoints import is_safetensors, load_weights
-        from cir_cli.engine.checkpointing import resolve_weights_file
-        from cir_cli.engine.common import load_named_state
-        from cir_cli.errors import CirError
-
         file = resolve_weights_file(path)
         if not is_safetensors(file):
             self.import_published(file)

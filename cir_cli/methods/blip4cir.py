@@ -31,13 +31,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cir_cli.backbones import build_backbone
+from cir_cli.cache import memoised_fingerprint, state_fingerprint
 from cir_cli.checkpoints import extract_state_dict, load_state_dict_strict, load_torch_checkpoint
 from cir_cli.data.base import Triplet, caption_variants
-from cir_cli.engine.tasks import CachedRowsStage, CombinerStage, TripletTrainingTask
 from cir_cli.errors import CirError
-from cir_cli.methods.base import FusedFeatureMethod, memoised_fingerprint, state_fingerprint
+from cir_cli.methods.base import FusedFeatureMethod
 from cir_cli.methods.blip4cir_config import Blip4CirMethodConfig
 from cir_cli.methods.prompts import DIRECTION_TOKENS, directed_text
+from cir_cli.methods.training import CachedRowsStage, CombinerStage, TripletTrainingTask
 from cir_cli.modules.combiner import CombinerParts
 from cir_cli.registry import register_method
 
@@ -270,7 +271,7 @@ class _DirectedTask(TripletTrainingTask):
         do; token mode uses the forward draw for both directions (spec bug 12).
         """
         from cir_cli.data.base import caption_variants
-        from cir_cli.engine.common import sample_rng
+        from cir_cli.data.training import sample_rng
 
         triplet = self.split.triplets[index]
         if caption_variants(triplet, self.policy) != 4:

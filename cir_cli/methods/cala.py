@@ -48,10 +48,10 @@ import torch.nn.functional as F
 from cir_cli.backbones import build_backbone
 from cir_cli.backbones.blip2_convert import summarize_dropped
 from cir_cli.checkpoints import extract_state_dict, load_state_dict_strict, load_torch_checkpoint
-from cir_cli.engine.tasks import CachedRowsStage, TripletTrainingTask
 from cir_cli.errors import CirError
 from cir_cli.methods.base import CIRMethod
 from cir_cli.methods.cala_config import CalaMethodConfig
+from cir_cli.methods.training import CachedRowsStage, TripletTrainingTask
 from cir_cli.modules.cala_heads import (
     Artemis,
     HingeCrossAttention,
@@ -517,7 +517,7 @@ def cala_loss(model: Cala, f: dict) -> tuple[torch.Tensor, dict[str, float]]:
     is the frame's plain contrastive loss. Under torchrun every logit matrix spans the global
     batch (targets, gaps and references gathered with gradients).
     """
-    from cir_cli.engine.common import global_batch
+    from cir_cli.engine.distributed import global_batch
 
     mc = model.cfg
     tau, h = mc.tac_weight, mc.hca_weight

@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader
 from cir_cli.backbones import build_backbone
 from cir_cli.checkpoints import extract_state_dict, load_torch_checkpoint
 from cir_cli.data.images import ImageFiles
-from cir_cli.engine.tasks import CombinerStage, TripletTrainingTask
 from cir_cli.errors import CirError
 from cir_cli.methods.base import FusedFeatureMethod
 from cir_cli.methods.clip4cir_config import Clip4CirMethodConfig
+from cir_cli.methods.training import CombinerStage, TripletTrainingTask
 from cir_cli.progress import progress_bar
 from cir_cli.registry import register_method
 
@@ -141,19 +141,19 @@ class Clip4CirFinetune(TripletTrainingTask):
     def dataset(self):
         if self.features is not None or self.pixels is not None:
             return None
-        from cir_cli.engine.common import TripletImages
+        from cir_cli.data.training import TripletImages
 
         ds = TripletImages(self.split, self.model.preprocess, self.policy, self.recipe.seed)
         ds.epoch = self.epoch
         return ds
 
     def collate(self, items):
-        from cir_cli.engine.common import collate_triplets
+        from cir_cli.data.training import collate_triplets
 
         return collate_triplets(items)
 
     def gather(self, indices: list[int]):
-        from cir_cli.engine.common import training_text
+        from cir_cli.data.training import training_text
 
         rows, feats = self.features if self.features is not None else self.pixels
         ts = [self.split.triplets[i] for i in indices]
@@ -179,7 +179,7 @@ class Clip4CirFinetune(TripletTrainingTask):
         self.model.eval()
 
     def compute_loss(self, batch):
-        from cir_cli.engine.common import contrastive_loss
+        from cir_cli.engine.losses import contrastive_loss
 
         refs, tgts, texts = batch
         if self.features is not None:
@@ -214,7 +214,7 @@ class Clip4CirCombinerTraining(CombinerStage, TripletTrainingTask):
         if model.combiner is None:
             model.add_combiner()
             model.combiner.to(device)
-        from cir_cli.engine.common import all_text_variants
+        from cir_cli.data.training import all_text_variants
 
         self.rows, self.image_feats = self.train_image_features()
         variants = all_text_variants(self.split, self.policy)
@@ -231,14 +231,14 @@ class Clip4CirCombinerTraining(CombinerStage, TripletTrainingTask):
         self.index_triplet_rows(self.rows)
 
     def _text_fingerprint(self) -> str:
-        from cir_cli.methods.base import state_fingerprint
+        from cir_cli.cache import state_fingerprint
 
         backbone = self.model.backbone
         text_modules = [m for n, m in backbone.model.named_children() if n != "visual"]
         return state_fingerprint(*text_modules)
 
     def gather(self, indices: list[int]):
-        from cir_cli.engine.common import text_variant
+        from cir_cli.data.training import text_variant
 
         idx = torch.tensor(indices)
         variant = (
@@ -259,7 +259,7 @@ class Clip4CirCombinerTraining(CombinerStage, TripletTrainingTask):
         )
 
     def compute_loss(self, batch):
-        from cir_cli.engine.common import contrastive_loss
+        from cir_cli.engine.losses import contrastive_loss
 
         refs, texts, tgts = (t.to(self.device, non_blocking=True) for t in batch)
         queries = self.model.combiner.combine_features(refs, texts)

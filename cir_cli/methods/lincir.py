@@ -35,13 +35,14 @@ from cir_cli.backbones.pseudo_tokens import (
     token_width_of,
     tokenize_pieces,
 )
+from cir_cli.cache import state_fingerprint
 from cir_cli.checkpoints import load_state_dict_strict
 from cir_cli.data import get_dataset, text_corpus
 from cir_cli.data.text_corpus import corpus_digest
 from cir_cli.errors import CirError
 from cir_cli.evaluation import evaluate
 from cir_cli.io import read_json, write_text_atomic
-from cir_cli.methods.base import CIRMethod, state_fingerprint
+from cir_cli.methods.base import CIRMethod
 from cir_cli.methods.lincir_config import LinCirMethodConfig
 from cir_cli.modules.phi import Phi
 from cir_cli.progress import progress_bar
@@ -320,7 +321,7 @@ class LinCirFinetune:
         self.keyword_mode = extractor.mode
         self.keywords = extractor(self.texts)
         self.ema = model.add_ema().to(device) if mcfg.ema_decay is not None else None
-        from cir_cli.api import default_cache
+        from cir_cli.cache import default_cache
 
         self.cache = default_cache(self.recipe)
         self.store = None
@@ -378,7 +379,7 @@ class LinCirFinetune:
         return store
 
     def _validation_data(self) -> tuple[list, str]:
-        from cir_cli.api import load_eval_splits
+        from cir_cli.data import load_eval_splits
         from cir_cli.evaluation import selection_metric
 
         data = self.recipe.data
@@ -406,7 +407,7 @@ class LinCirFinetune:
 
     def gather(self, indices: list[int]):
         from cir_cli.data.text_corpus import FALLBACK_MASKED, mask_caption, masked_pieces
-        from cir_cli.engine.common import sample_rng
+        from cir_cli.data.training import sample_rng
 
         tokenizer = self.model.backbone.tokenizer
         pieces = []
@@ -502,7 +503,7 @@ class LinCirFinetune:
         return state
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        from cir_cli.engine.common import load_named_state
+        from cir_cli.checkpoints import load_named_state
 
         load_named_state(self.model, state, "resume state")
 

@@ -38,10 +38,10 @@ from torch import nn
 from cir_cli import metrics
 from cir_cli.backbones import build_backbone
 from cir_cli.backbones.blip import convert_blip_state, read_blip_checkpoint
+from cir_cli.cache import memoised_fingerprint
 from cir_cli.candidates import load_candidates
 from cir_cli.checkpoints import extract_state_dict, load_state_dict_strict, load_torch_checkpoint
 from cir_cli.data import get_dataset
-from cir_cli.engine.tasks import CachedRowsStage, TripletTrainingTask
 from cir_cli.errors import CirError
 from cir_cli.evaluation import (
     RANKING_DEPTH,
@@ -49,8 +49,9 @@ from cir_cli.evaluation import (
     evaluate_split,
     split_representations,
 )
-from cir_cli.methods.base import CIRMethod, memoised_fingerprint
+from cir_cli.methods.base import CIRMethod
 from cir_cli.methods.rerank_config import RerankMethodConfig
+from cir_cli.methods.training import CachedRowsStage, TripletTrainingTask
 from cir_cli.modules.dual_encoder import DualEncoderConfig, DualEncoderScorer, init_from_bert
 from cir_cli.progress import progress_bar
 from cir_cli.registry import register_method
@@ -499,7 +500,7 @@ class _RerankTask(CachedRowsStage, TripletTrainingTask):
     model: Rerank
 
     def gather(self, indices: list[int]):
-        from cir_cli.engine.common import training_text
+        from cir_cli.data.training import training_text
 
         idx = torch.tensor(indices)
         texts = [
@@ -531,7 +532,7 @@ class RerankStage1(_RerankTask):
         self.model.backbone.text_encoder.train()  # BERT dropout 0.1 as CR; the ViT is cached
 
     def compute_loss(self, batch):
-        from cir_cli.engine.common import global_batch
+        from cir_cli.engine.distributed import global_batch
 
         model = self.model
         refs, tgts, texts = batch
@@ -583,7 +584,7 @@ class RerankStage2(_RerankTask):
 
     def checkpoint_metadata(self) -> dict:
         meta = super().checkpoint_metadata()
-        from cir_cli.engine.checkpointing import resolve_weights_file
+        from cir_cli.runs import resolve_weights_file
 
         meta["base_checkpoint"] = str(
             resolve_weights_file(self.recipe.finetune.checkpoint).resolve()

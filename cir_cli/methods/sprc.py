@@ -32,10 +32,10 @@ from torch import nn
 
 from cir_cli.backbones import build_backbone
 from cir_cli.checkpoints import extract_state_dict, load_torch_checkpoint
-from cir_cli.engine.tasks import CachedRowsStage, TripletTrainingTask
 from cir_cli.errors import CirError
 from cir_cli.methods.base import CIRMethod
 from cir_cli.methods.sprc_config import SprcMethodConfig
+from cir_cli.methods.training import CachedRowsStage, TripletTrainingTask
 from cir_cli.ranking import max_over_tokens_score
 from cir_cli.registry import register_method
 
@@ -257,7 +257,7 @@ class SprcFinetune(CachedRowsStage, TripletTrainingTask):
     # -- the loss ---------------------------------------------------------------------------------
 
     def compute_loss(self, batch):
-        from cir_cli.engine.common import global_batch
+        from cir_cli.engine.distributed import global_batch
 
         model: Sprc = self.model
         backbone = model.backbone

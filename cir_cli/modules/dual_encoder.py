@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cir_cli.checkpoints import load_state_dict_strict
+
 # BLIP's BERT masks padded keys by adding this (not -inf) to the attention logits.
 MASK_VALUE = -10000.0
 
@@ -302,8 +304,6 @@ def init_from_bert(scorer: DualEncoderScorer, state: Mapping[str, torch.Tensor],
     Every key of this encoder but `merge_layer` must come from `state` and every tensor in
     `state` must be used, otherwise one CirError names the first differences.
     """
-    from cir_cli.checkpoints import load_state_dict_strict
-
     twin = twin_state_from_bert(state)
     keep = {k: v for k, v in scorer.text_encoder.state_dict().items() if ".merge_layer." in k}
     load_state_dict_strict(scorer.text_encoder, {**twin, **keep}, source)

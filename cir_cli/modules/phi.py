@@ -19,6 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cir_cli.checkpoints import (
+    extract_state_dict,
+    load_state_dict_strict,
+    load_torch_checkpoint,
+    save_seed_checkpoint,
+)
 from cir_cli.errors import CirError
 
 # Checkpoint key of the published files (spec 1.3).
@@ -82,8 +88,6 @@ class Phi(nn.Module):
         dropout: float = 0.5,
         l2_normalize: bool = False,
     ) -> Phi:
-        from cir_cli.checkpoints import load_state_dict_strict
-
         d, h, w = cls.dims_from_state(state, source)
         phi = cls(d, h, w, dropout=dropout, l2_normalize=l2_normalize)
         load_state_dict_strict(phi, state, source)
@@ -98,8 +102,6 @@ class Phi(nn.Module):
         Dims are read from the weights, so any backbone's Phi loads (L/14: 768 -> 3072 -> 768).
         A `module.` prefix (DDP) is stripped.
         """
-        from cir_cli.checkpoints import extract_state_dict, load_torch_checkpoint
-
         path = Path(path).expanduser()
         ckpt = load_torch_checkpoint(path)
         if CHECKPOINT_KEY not in ckpt:
@@ -113,8 +115,6 @@ class Phi(nn.Module):
 
     def save_checkpoint(self, path: str | Path, epoch: int = 0) -> Path:
         """Write the published layout `{'epoch': epoch, 'Phi': state_dict}` atomically."""
-        from cir_cli.checkpoints import save_seed_checkpoint
-
         path = Path(path)
         save_seed_checkpoint(path, CHECKPOINT_KEY, self.state_dict(), epoch=epoch)
         return path

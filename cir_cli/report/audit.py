@@ -198,7 +198,8 @@ def evaluate_with_report(
     depth: int | None = None,
 ) -> tuple[Evaluation, list[SplitReport]]:
     """`api.validate`'s evaluation (same metrics) plus the per-query report data per split."""
-    from cir_cli.api import default_cache, load_eval_splits
+    from cir_cli.cache import default_cache
+    from cir_cli.data import load_eval_splits
     from cir_cli.evaluation import RANKING_DEPTH
 
     splits = load_eval_splits(recipe, split)

@@ -110,7 +110,7 @@ def build_index(
     """Encode every image under `folder` and write the index folder `out` (atomically).
 
     `model` may be passed when already loaded from the same recipe and checkpoint (tests,
-    notebooks); otherwise it is loaded with api.load_model. `dtype` is the feature storage
+    notebooks); otherwise it is loaded with `load_model`. `dtype` is the feature storage
     (float32 or float16); `ann_kind` ("ivf", "hnsw" or None) adds an approximate faiss index
     built with `ann_params` ("key=value,...", see search/ann.py), recorded in the manifest.
 

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from cir_cli import __version__
 from cir_cli.checkpoints import sha1_file
-from cir_cli.engine.checkpointing import resolve_weights_file
 from cir_cli.errors import CirError
+from cir_cli.runs import resolve_weights_file
 
 if TYPE_CHECKING:
     from cir_cli.config import Recipe
@@ -111,9 +111,9 @@ def provenance_record(model: CIRMethod, recipe: Recipe, checkpoint: str | None) 
 def load_recipe_model(recipe: Recipe, checkpoint: str | None, device: str | None) -> CIRMethod:
     # Imported here: the model-loading code may import torch at module level, and this package
     # must import without torch (`cir index --dry-run` reads search.storage).
-    from cir_cli import api
+    from cir_cli.methods.loading import load_model
 
-    return api.load_model(recipe, checkpoint=checkpoint, device=device or recipe.device)
+    return load_model(recipe, checkpoint=checkpoint, device=device or recipe.device)
 
 
 def check_compatible(

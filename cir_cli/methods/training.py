@@ -1,4 +1,9 @@
-"""Training-task base classes shared by the methods (see engine/trainer.py for the loop)."""
+"""Training-task base classes the methods' stages share (engine/trainer.py runs the loop).
+
+They sit beside the methods, not in the engine: they read the recipe a method was built from
+and drive it through the method contract (methods/base.py); the trainer only sees the
+`TrainingTask` protocol.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,15 @@ from pathlib import Path
 
 import torch
 
-from cir_cli.api import default_cache, load_eval_splits
-from cir_cli.data import load_train_split, recipe_categories, train_caption_policy
-from cir_cli.evaluation import selection_metric
+from cir_cli.cache import default_cache
+from cir_cli.checkpoints import load_named_state, named_trainable_state
+from cir_cli.data import load_eval_splits, load_train_split, recipe_categories, train_caption_policy
+from cir_cli.data.training import training_text
+from cir_cli.errors import CirError
+from cir_cli.evaluation import compute_representations, evaluate, selection_metric
 from cir_cli.methods.base import CIRMethod
+from cir_cli.progress import progress_bar
+from cir_cli.runs import resolve_weights_file
 
 
 class TripletTrainingTask:
@@ -33,8 +43,6 @@ class TripletTrainingTask:
             data.dataset, Path(data.root).expanduser(), categories, data.train_split
         )
         if any(t.target is None for t in self.split.triplets):
-            from cir_cli.errors import CirError
-
             raise CirError(f"{self.split.label}: training needs targets for every triplet")
         self.policy = train_caption_policy(self.split, data.train_caption_policy)
         self.val_splits = load_eval_splits(self.recipe, data.val_split)
@@ -49,8 +57,6 @@ class TripletTrainingTask:
         self.epoch = epoch
 
     def evaluate(self) -> dict[str, float]:
-        from cir_cli.evaluation import evaluate
-
         cache = self.cache if self.model.image_cache_key() is not None else None
         result = evaluate(
             self.model,
@@ -63,13 +69,9 @@ class TripletTrainingTask:
         return result.metrics
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        from cir_cli.engine.common import named_trainable_state
-
         return named_trainable_state(self.model)
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        from cir_cli.engine.common import load_named_state
-
         load_named_state(self.model, state, "resume state")
 
     def checkpoint_metadata(self) -> dict:
@@ -85,8 +87,6 @@ class TripletTrainingTask:
         maps) passes its own `key` and `encode`. `lazy=True` returns rows read on demand from
         the memory-mapped shards (large per-image tensors such as ViT tokens).
         """
-        from cir_cli.evaluation import compute_representations
-
         names = self.split.image_names()
         key = key or self.model.image_cache_key()
 
@@ -115,8 +115,6 @@ class TripletTrainingTask:
     @torch.no_grad()
     def encode_texts_once(self, texts: list[str]) -> torch.Tensor:
         """Frozen text features of `texts` in eval mode (cached by the caller)."""
-        from cir_cli.progress import progress_bar
-
         self.model.eval()
         out = []
         batch = self.recipe.eval.batch_size
@@ -139,8 +137,6 @@ class CachedRowsStage:
         return items
 
     def gather(self, indices: list[int]):
-        from cir_cli.engine.common import training_text
-
         idx = torch.tensor(indices)
         texts = [
             training_text(self.split, self.policy, self.recipe.seed, self.epoch, i) for i in indices
@@ -167,7 +163,5 @@ class CombinerStage(CachedRowsStage):
         meta = super().checkpoint_metadata()
         base = self.recipe.finetune.checkpoint
         if base:
-            from cir_cli.engine.checkpointing import resolve_weights_file
-
             meta["base_checkpoint"] = str(resolve_weights_file(base).resolve())
         return meta
