@@ -19,8 +19,6 @@ from PIL import Image
 
 from tests.conftest import toy_overrides
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def registered_methods() -> list[str]:
     """The built-in method registry's names (the one place to update if the registry moves).
@@ -42,8 +40,10 @@ def registered_methods() -> list[str]:
 def toy_recipe_for(method: str) -> str | None:
     """The built-in `toy_*` recipe whose method.name is `method` (the plain one, not a `_fixed`
     variant, when there are several)."""
+    from cir_cli.recipes import builtin_dir
+
     found = []
-    for path in sorted((REPO / "recipes").glob("toy_*.toml")):
+    for path in sorted(builtin_dir().glob("toy_*.toml")):
         data = tomllib.loads(path.read_text())
         name = data.get("method", {}).get("name")
         if name is None and "extends" in data:
