@@ -15,6 +15,7 @@ The checkers are plain functions, tested on a small synthetic package at the bot
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,7 @@ def _runtime_imports(tree: ast.AST) -> Iterable[ast.Import | ast.ImportFrom]:
         stack.extend(ast.iter_child_nodes(node))
 
 
+@functools.cache
 def import_graph(package_dir: Path) -> tuple[set[str], list[Edge]]:
     """(modules, edges) of the package; edges point at the package's own modules only.
 
@@ -142,6 +144,7 @@ def import_graph(package_dir: Path) -> tuple[set[str], list[Edge]]:
                     target = target.rsplit(".", 1)[0]
                 if target in modules and target != name:
                     edges.append(Edge(name, target, node.lineno))
+    # Cached: the real package is parsed once for all tests (callers must not mutate these).
     return modules, sorted(set(edges), key=lambda e: (e.source, e.line, e.target))
 
 
