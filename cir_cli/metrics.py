@@ -301,3 +301,17 @@ def genecis_summary(per_split: Mapping[str, Mapping[int, float]]) -> dict[str, f
             out[f"{name}_recall_at{k}"] = float(recalls[k])
     out["average_recall_at1"] = statistics.fmean(float(r[1]) for r in per_split.values())
     return out
+
+
+# The public surface (README "Python API"); tests/test_public_api.py imports each name.
+__all__ = [
+    "average_precision_at_k",
+    "circo_summary",
+    "cirr_summary",
+    "fashioniq_summary",
+    "genecis_summary",
+    "mean_average_precision_at_k",
+    "recall_at_k",
+    "recall_from_ranks",
+    "subset_recall_at_k",
+]

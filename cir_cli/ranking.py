@@ -520,3 +520,16 @@ def rank_within_groups(
     )
     assert result.groups is not None
     return result.groups
+
+
+# The public surface (README "Python API"); tests/test_public_api.py imports each name.
+__all__ = [
+    "RankResult",
+    "SplitRanking",
+    "cosine_score",
+    "max_over_tokens_score",
+    "rank_gallery",
+    "rank_split",
+    "rank_within_groups",
+    "target_ranks",
+]

@@ -328,3 +328,14 @@ def to_toml(data: dict[str, Any], prefix: str = "", unset_as_comments: bool = Fa
         body = to_toml(table, prefix=f"{name}.", unset_as_comments=unset_as_comments)
         out += f"\n\n[{name}]\n{body}" if out or lines else f"[{name}]\n{body}"
     return out.strip() + "\n"
+
+
+# The public surface (README "Python API"); tests/test_public_api.py imports each name.
+__all__ = [
+    "apply_overrides",
+    "builtin_names",
+    "copy_recipe",
+    "find_recipe",
+    "load_recipe",
+    "validate_recipe",
+]

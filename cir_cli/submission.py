@@ -328,3 +328,14 @@ def load_submission(path: Path | str) -> dict:
             f"{path}: expected a JSON object of query id -> ranking, got {type(obj).__name__}"
         )
     return obj
+
+
+# The public surface (README "Python API"); tests/test_public_api.py imports each name.
+__all__ = [
+    "build_cirr_submission",
+    "load_submission",
+    "validate_circo_submission",
+    "validate_cirr_submission",
+    "write_circo_submission",
+    "write_cirr_submission",
+]

@@ -171,3 +171,9 @@ def build_transform(
         steps.append(to_rgb)
     steps += [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))]
     return T.Compose(steps)
+
+
+# The public surface (README "Python API"); tests/test_public_api.py imports each name.
+__all__ = [
+    "build_transform",
+]
