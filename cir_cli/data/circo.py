@@ -20,8 +20,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from cir_cli.data.annotations import expect_str, read_annotation_json, require_root
 from cir_cli.data.base import CIRSplit, DatasetSpec, Results, Submission, Triplet, require_keys
-from cir_cli.data.check import expect_str, read_annotation_json, require_root
 from cir_cli.data.fashioniq import summarize as recall_summary
 from cir_cli.errors import CirError
 from cir_cli.submission import CIRCO_K, write_circo_submission

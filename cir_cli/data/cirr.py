@@ -8,14 +8,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from cir_cli.data.base import CIRSplit, DatasetSpec, Results, Submission, Triplet, require_keys
-from cir_cli.data.check import (
+from cir_cli.data.annotations import (
     expect_name,
     expect_relpath,
     expect_str,
     read_annotation_json,
     require_root,
 )
+from cir_cli.data.base import CIRSplit, DatasetSpec, Results, Submission, Triplet, require_keys
 from cir_cli.errors import CirError
 from cir_cli.submission import build_cirr_submission, write_cirr_submission
 

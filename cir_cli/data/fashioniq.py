@@ -9,14 +9,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from cir_cli.data.base import CIRSplit, DatasetSpec, Results, Triplet, require_keys
-from cir_cli.data.check import (
+from cir_cli.data.annotations import (
     expect_name,
     expect_relpath,
     expect_str,
     read_annotation_json,
     require_root,
 )
+from cir_cli.data.base import CIRSplit, DatasetSpec, Results, Triplet, require_keys
 from cir_cli.errors import CirError
 
 NAME = "fashioniq"

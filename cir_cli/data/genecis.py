@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cir_cli.data.annotations import expect_str, read_annotation_json, require_root
 from cir_cli.data.base import CIRSplit, DatasetSpec, Results, Triplet, require_keys
-from cir_cli.data.check import expect_str, read_annotation_json, require_root
 from cir_cli.data.fashioniq import summarize as recall_summary
 from cir_cli.errors import CirError
 from cir_cli.io import atomic_path
