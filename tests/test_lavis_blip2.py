@@ -140,6 +140,7 @@ def _close(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
     diff = float((ours - theirs).abs().max())
     scale = max(1.0, float(theirs.abs().max()))
     assert diff <= TOL * scale, f"{name}: max |diff| {diff:.2e} at scale {scale:.1f}"
+    print(f"{name}: max |ours - LAVIS| {diff:.2e} (scale {scale:.1f})")
 
 
 def _compare(ours: Blip2Backbone, theirs, pixels: torch.Tensor, tag: str) -> None:
