@@ -8,6 +8,15 @@ best validation (mean and spread) as a README table.
 Each run is a plain `cir finetune` (stage I; the schedule fixes act there) in its own process,
 with `seed` set; results are appended to <out>/results.jsonl as they finish, so an interrupted
 comparison keeps what it measured. `--table` prints the markdown table from that file.
+
+`--set key=value` (repeatable) applies the same override to both arms, e.g. a shorter run when
+the CPU is short:
+
+    python scripts/toy_fix_comparison.py --pairs toy_sprc --out runs/fix-comparison-sprc-5ep \
+        --set finetune.epochs=5 --set finetune.schedule_epochs=8 --set finetune.validate_every=1
+
+Each row records its overrides; use a fresh --out per setting so rows of different settings are
+never averaged together.
 """
 
 from __future__ import annotations
@@ -22,12 +31,14 @@ import time
 from pathlib import Path
 
 
-def run_one(recipe: str, seed: int, root: str, out: Path) -> dict:
+def run_one(recipe: str, seed: int, root: str, out: Path, overrides: list[str]) -> dict:
+    sets = [f"seed={seed}", f"data.root={root}", f"output.dir={out}/runs"]
+    sets += [f"output.cache_dir={out}/cache", *overrides]
     code = (
         "import json, sys\n"
         "from cir_cli.recipes import load_recipe\n"
         "from cir_cli.workflows import run_training\n"
-        f"r = load_recipe({recipe!r}, {[f'seed={seed}', f'data.root={root}', f'output.dir={out}/runs', f'output.cache_dir={out}/cache']!r})\n"  # noqa: E501
+        f"r = load_recipe({recipe!r}, {sets!r})\n"
         "run = run_training(r, 'finetune')\n"
         "from cir_cli.evaluation import selection_metric\n"
         "m = selection_metric(r)\n"
@@ -50,6 +61,7 @@ def run_one(recipe: str, seed: int, root: str, out: Path) -> dict:
         "best_epoch": best.get("epoch"),
         "seconds": round(time.time() - started, 1),
         "run_dir": payload["run_dir"],
+        "overrides": overrides,
     }
 
 
@@ -104,6 +116,14 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--only", nargs="+", help="run just these recipes (e.g. toy_cala_fixed)")
     parser.add_argument("--table", action="store_true", help="only print the table")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override applied to both arms (repeatable)",
+    )
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -111,6 +131,11 @@ def main() -> None:
     done = []
     if results.exists():
         done = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
+        mixed = {tuple(d.get("overrides", [])) for d in done} - {tuple(args.overrides)}
+        if mixed and not args.table:
+            raise SystemExit(
+                f"{results} holds runs with other overrides {sorted(mixed)}; use another --out"
+            )
     if not args.table:
         for seed in args.seeds:
             for pair in args.pairs:
@@ -119,7 +144,7 @@ def main() -> None:
                         continue
                     if any(d["recipe"] == recipe and d["seed"] == seed for d in done):
                         continue
-                    row = run_one(recipe, seed, str(Path(args.root).resolve()), out)
+                    row = run_one(recipe, seed, str(Path(args.root).resolve()), out, args.overrides)
                     done.append(row)
                     with results.open("a") as f:
                         f.write(json.dumps(row) + "\n")

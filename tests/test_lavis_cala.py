@@ -73,6 +73,7 @@ def test_cala_blip2_files_give_lavis_features(monkeypatch, tmp_path) -> None:
     ):
         diff = float((got - want).abs().max())
         assert diff <= TOL * max(1.0, float(want.abs().max())), f"{name}: {diff:.2e}"
+        print(f"CaLa {name}: max |ours - LAVIS| {diff:.2e}")
     # The three copies really differ (the test would not notice a role mix-up otherwise).
     assert not torch.allclose(
         features["m"],
