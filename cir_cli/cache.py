@@ -7,6 +7,13 @@ files are written atomically. Arrays are opened memory-mapped, so a large galler
 until rows are read. Missing names are encoded in chunks, one shard per chunk, so an interrupted
 encoding of a large gallery resumes where it stopped.
 
+Image rows are keyed by the file's identity (name, real path, size, mtime), so a warm read
+`lstat`s every image. `read-<hash>.npz` files are read memos: what one exact request (the same
+names at the same paths) resolved to, with each file's (device, inode, size, mtime) stamp and
+each used shard array's stamp. A repeated request whose stamps all match gathers the memoised
+rows without building or looking up identity strings; any difference (or a damaged memo)
+falls back to the identity path. Memos are derived data: deleting them is always safe.
+
 Any change of weights or preprocessing changes the key, so stale features are never served.
 """
 
