@@ -250,6 +250,7 @@ class FeatureCache:
 
         if memo is None:
             return self.get_or_compute(key, ids, compute_ids, **kwargs)
+        kwargs.pop("lazy", None)  # False here: a lazy read has no memo
         index = self._fill(memo.folder, key, ids, compute_ids, **kwargs)
         codes = index.codes_of(ids)
         if plain:  # a symlinked or missing file keeps the request on the full path

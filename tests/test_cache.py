@@ -147,6 +147,14 @@ def test_a_repeated_image_read_is_served_from_its_read_memo(tmp_path: Path) -> N
     hits = []
     again = cache.get_or_compute_images("k", names, files, compute, on_hit=hits.append)
     assert compute.names == names and hits == [3]
+    lazy = cache.get_or_compute_images("k", names, files, compute, lazy=True)
+    torch.testing.assert_close(lazy[[2, 0]], first[[2, 0]])
+    memo.unlink()  # the first read of a request, with every option the callers pass
+    options = {"lazy": False, "chunk_size": 2, "on_hit": hits.append}
+    torch.testing.assert_close(
+        cache.get_or_compute_images("k", names, files, compute, **options), first
+    )
+    assert memo.is_file() and hits == [3, 3]
     torch.testing.assert_close(again, first)
     # the memo, not the index, served it: with every shard's names file gone the index is
     # empty, yet nothing is recomputed
