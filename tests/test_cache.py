@@ -114,3 +114,138 @@ def test_file_identities_equal_file_identity(tmp_path: Path, monkeypatch) -> Non
     }
     names = list(paths)
     assert file_identities(names, paths) == [file_identity(n, paths[n]) for n in names]
+
+
+class Versioned:
+    """Features that depend on the file's bytes: a stale row shows as the old bytes' value."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self.files, self.names = files, []
+
+    def __call__(self, names: list[str]) -> torch.Tensor:
+        self.names += names
+        return torch.tensor([[float(len(self.files[n].read_bytes()))] for n in names])
+
+
+def _warm(tmp_path: Path, n: int = 3):
+    cache = FeatureCache(tmp_path / "cache")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    files = {f"a{i}": folder / f"a{i}.png" for i in range(n)}
+    for path in files.values():
+        path.write_bytes(b"1234")
+    compute = Versioned(files)
+    names = list(files)
+    first = cache.get_or_compute_images("k", names, files, compute)
+    assert compute.names == names
+    return cache, files, names, compute, first
+
+
+def test_a_repeated_image_read_is_served_from_its_read_memo(tmp_path: Path) -> None:
+    cache, files, names, compute, first = _warm(tmp_path)
+    (memo,) = (tmp_path / "cache").rglob("read-*.npz")
+    hits = []
+    again = cache.get_or_compute_images("k", names, files, compute, on_hit=hits.append)
+    assert compute.names == names and hits == [3]
+    lazy = cache.get_or_compute_images("k", names, files, compute, lazy=True)
+    torch.testing.assert_close(lazy[[2, 0]], first[[2, 0]])
+    memo.unlink()  # the first read of a request, with every option the callers pass
+    options = {"lazy": False, "chunk_size": 2, "on_hit": hits.append}
+    torch.testing.assert_close(
+        cache.get_or_compute_images("k", names, files, compute, **options), first
+    )
+    assert memo.is_file() and hits == [3, 3]
+    torch.testing.assert_close(again, first)
+    # the memo, not the index, served it: with every shard's names file gone the index is
+    # empty, yet nothing is recomputed
+    for names_file in memo.parent.glob("shard-*.json"):
+        names_file.rename(names_file.with_suffix(".json.away"))
+    torch.testing.assert_close(cache.get_or_compute_images("k", names, files, compute), first)
+    assert compute.names == names
+
+
+def test_an_image_rewritten_in_place_is_re_encoded_through_the_memo(tmp_path: Path) -> None:
+    import os
+
+    cache, files, names, compute, _ = _warm(tmp_path)
+    cache.get_or_compute_images("k", names, files, compute)  # memo written and used
+    st = os.stat(files["a1"])
+    # same size, new bytes, new mtime
+    files["a1"].write_bytes(b"abcd")
+    os.utime(files["a1"], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    out = cache.get_or_compute_images("k", names, files, compute)
+    assert compute.names == [*names, "a1"]
+    # same mtime as before, new size
+    files["a2"].write_bytes(b"123456")
+    os.utime(files["a2"], ns=(st.st_atime_ns, st.st_mtime_ns))
+    out = cache.get_or_compute_images("k", names, files, compute)
+    assert compute.names == [*names, "a1", "a2"]
+    torch.testing.assert_close(out, torch.tensor([[4.0], [4.0], [6.0]]))
+    # and the memo written after the change serves the new rows
+    torch.testing.assert_close(cache.get_or_compute_images("k", names, files, compute), out)
+    assert compute.names == [*names, "a1", "a2"]
+
+
+def test_a_folder_link_retargeted_to_an_identical_copy_is_re_encoded(tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    cache = FeatureCache(tmp_path / "cache")
+    for version, data in (("v1", b"same"), ("v2", b"SAME")):
+        (tmp_path / version).mkdir()
+        (tmp_path / version / "a.png").write_bytes(data)
+    st1 = os.stat(tmp_path / "v1" / "a.png")
+    os.utime(tmp_path / "v2" / "a.png", ns=(st1.st_atime_ns, st1.st_mtime_ns))
+    os.symlink(tmp_path / "v1", tmp_path / "current")
+    files = {"a": tmp_path / "current" / "a.png"}
+    compute = Versioned(files)
+    cache.get_or_compute_images("k", ["a"], files, compute)
+    cache.get_or_compute_images("k", ["a"], files, compute)
+    assert compute.names == ["a"]
+    (tmp_path / "current").unlink()
+    os.symlink(tmp_path / "v2", tmp_path / "current")  # same name, size and mtime elsewhere
+    cache.get_or_compute_images("k", ["a"], files, compute)
+    assert compute.names == ["a", "a"]
+    shutil.rmtree(tmp_path / "v1")
+
+
+def test_a_damaged_or_foreign_read_memo_is_ignored(tmp_path: Path) -> None:
+    cache, files, names, compute, first = _warm(tmp_path)
+    (memo,) = (tmp_path / "cache").rglob("read-*.npz")
+    memo.write_bytes(b"not a zip")
+    torch.testing.assert_close(cache.get_or_compute_images("k", names, files, compute), first)
+    # a memo of another layout (other field types, codes pointing elsewhere) is not read
+    np.savez(
+        memo,
+        files=np.zeros(3, dtype=[("dev", "<i8"), ("ino", "<i8")]),
+        codes=np.array([1, 1, 1]),
+        shard_names=np.array(["shard-00000.npy"]),
+        shard_stamps=np.zeros(1, dtype=[("dev", "<i8")]),
+    )
+    torch.testing.assert_close(cache.get_or_compute_images("k", names, files, compute), first)
+    assert compute.names == names
+
+
+def test_a_replaced_shard_invalidates_the_memo(tmp_path: Path) -> None:
+    import json
+
+    cache, files, names, compute, _ = _warm(tmp_path)
+    (shard,) = (tmp_path / "cache").rglob("shard-*.npy")
+    ids = json.loads(shard.with_suffix(".json").read_text())
+    # the shard rewritten under the same file names with its rows in the other order (a new
+    # array file, as every shard write is): the memo's row numbers no longer hold
+    np.save(shard.with_suffix(".new.npy"), np.array([[30.0], [20.0], [10.0]], dtype=np.float32))
+    shard.with_suffix(".new.npy").replace(shard)
+    shard.with_suffix(".json").write_text(json.dumps(ids[::-1]))
+    out = cache.get_or_compute_images("k", names, files, compute)
+    assert compute.names == names
+    torch.testing.assert_close(out, torch.tensor([[10.0], [20.0], [30.0]]))
+
+
+def test_read_memos_are_bounded(tmp_path: Path) -> None:
+    from cir_cli import cache as cache_module
+
+    cache, files, names, compute, _ = _warm(tmp_path)
+    for i in range(cache_module._MEMOS_KEPT + 3):
+        cache.get_or_compute_images("k", [names[i % 3]] * (i + 1), files, compute)
+    assert len(list((tmp_path / "cache").rglob("read-*.npz"))) == cache_module._MEMOS_KEPT

@@ -1,7 +1,8 @@
 """The `cir prepare` dataset check.
 
 `check_dataset` loads every split present under a root, counts queries and gallery images,
-finds missing or unreadable images and writes a small JSON index. Output formatting is left to the CLI (no rich here).
+finds missing or unreadable images and writes a small JSON index. Output formatting is left
+to the CLI (no rich here).
 """
 
 from __future__ import annotations
