@@ -204,6 +204,9 @@ class BackboneConfig(_Section):
     # (blip only) expected SHA1 of backbone.pretrained (model_base.pth:
     # 5f1d8cdfae91e22a35e98a4bbb4c43be7bd0ac50); None = not checked.
     sha1: str | None = None
+    # Seed of the towers' random initialisation (pretrained = ""): fixes a random frozen tower
+    # across run seeds (toy studies); None = drawn from the run's seed, as before.
+    init_seed: int | None = None
 
 
 class DataConfig(_Section):
