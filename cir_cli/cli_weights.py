@@ -134,6 +134,9 @@ def weights_get(
         entry = item.entry
         if entry is not None and entry.make:
             typer.echo(f"make {item.value}: {entry.make}")
+        elif entry is not None and entry.in_archive:
+            zipped = Path(item.value).parents[len(Path(entry.local or "").parts) - 1]
+            typer.echo(f"by hand: {item.value} comes in {zipped / entry.in_archive} (above)")
         elif entry is not None and entry.url:
             direct = entry.url.startswith(
                 ("https://storage.googleapis.com", "https://openaipublic")
