@@ -77,6 +77,18 @@ def _running(run: Path) -> bool:
     return not progress.get("finished") and _alive(int(progress.get("pid", -1)))
 
 
+def _writing_to(folder: Path) -> bool:
+    """A live `cir ... -o <folder>` (Linux /proc): a run that has not written progress.json yet."""
+    wanted = f"\0-o\0{folder}\0".encode()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if wanted in b"\0" + cmdline.read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def step(out: Path, name: str, recipe: str, command: str, args: list[str]) -> Path:
     """Run `cir <command> --recipe <recipe> -o <out>/<name> <args>` unless that folder already
     holds a finished run; return the run folder."""
@@ -86,7 +98,7 @@ def step(out: Path, name: str, recipe: str, command: str, args: list[str]) -> Pa
     def runs() -> list[Path]:
         return sorted(folder.glob(prefix + "*")) if folder.is_dir() else []
 
-    while any(_running(r) for r in runs()):
+    while any(_running(r) for r in runs()) or _writing_to(folder):
         time.sleep(20)
     done = [r for r in runs() if _finished(r, command)]
     if done:
@@ -107,10 +119,11 @@ def step(out: Path, name: str, recipe: str, command: str, args: list[str]) -> Pa
     return done[-1]
 
 
-def first_stage(out: Path, root: str) -> Path:
-    """toy_clip4cir as the quickstart trains it, then its top-K val candidates (a folder)."""
+def first_stage(out: Path, root: str, stage1: Path | None = None) -> Path:
+    """toy_clip4cir as the quickstart trains it, then its top-K val candidates (a folder).
+    `stage1`: a finished `cir finetune --recipe toy_clip4cir` run (seed 0) to reuse."""
     base = ["--set", f"data.root={root}", "--set", "seed=0"]
-    s1 = step(out, "first_finetune", FIRST, "finetune", base)
+    s1 = stage1 or step(out, "first_finetune", FIRST, "finetune", base)
     s2 = step(
         out,
         "first_combiner",
@@ -238,6 +251,11 @@ def main() -> None:
         "--init-seed", type=int, default=0, help="backbone.init_seed of every re-ranker run"
     )
     p.add_argument("--jobs", type=int, default=1, help="re-ranker seeds trained at once")
+    p.add_argument(
+        "--first-stage-run",
+        type=Path,
+        help="reuse this finished toy_clip4cir stage-I run (seed 0) instead of training it",
+    )
     p.add_argument("--table", action="store_true", help="print the table of <out>/results.jsonl")
     a = p.parse_args()
     if a.table:
@@ -247,7 +265,7 @@ def main() -> None:
     if not Path(a.root).is_dir():
         raise SystemExit(f"{a.root}: no toy dataset; run `cir prepare toy --out {a.root}`")
     with ThreadPoolExecutor(1) as first_pool, ThreadPoolExecutor(max(1, a.jobs)) as pool:
-        cands = first_pool.submit(first_stage, a.out, a.root)
+        cands = first_pool.submit(first_stage, a.out, a.root, a.first_stage_run)
 
         def chain(seed: int) -> list[dict]:
             s1, s2 = reranker(a.out, a.root, seed, a.init_seed)
