@@ -107,11 +107,15 @@ def step(out: Path, name: str, recipe: str, command: str, args: list[str]) -> Pa
     argv = ["cir", command, "--recipe", recipe, "-o", str(folder), *args]
     log(f"{name}: {' '.join(argv)}")
     started = time.time()
-    proc = subprocess.run(
-        [sys.executable, "-m", "cir_cli", *argv[1:]], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed ({' '.join(argv)}):\n{proc.stderr[-3000:]}")
+    folder.mkdir(parents=True, exist_ok=True)
+    # Output to a file, not a pipe: a run outlives an interrupted study script.
+    with (folder / "cir.log").open("a", encoding="utf-8") as fh:
+        code = subprocess.run(
+            [sys.executable, "-m", "cir_cli", *argv[1:]], stdout=fh, stderr=subprocess.STDOUT
+        ).returncode
+    if code != 0:
+        tail = (folder / "cir.log").read_text(encoding="utf-8")[-3000:]
+        raise SystemExit(f"{name} failed ({' '.join(argv)}):\n{tail}")
     done = [r for r in runs() if _finished(r, command)]
     if not done:
         raise SystemExit(f"{name}: no finished run under {folder}")
