@@ -152,7 +152,9 @@ def first_stage(out: Path, root: str, stage1: Path | None = None) -> Path:
     )
 
 
-def reranker(out: Path, root: str, seed: int, init_seed: int) -> tuple[Path, Path]:
+def reranker(
+    out: Path, root: str, seed: int, init_seed: int, stage2_epochs: int | None = None
+) -> tuple[Path, Path]:
     base = [
         "--set",
         f"data.root={root}",
@@ -162,12 +164,14 @@ def reranker(out: Path, root: str, seed: int, init_seed: int) -> tuple[Path, Pat
         f"backbone.init_seed={init_seed}",
     ]
     s1 = step(out, f"rerank_s{seed}_finetune", RERANK, "finetune", base)
+    # A shorter stage II keeps the recipe's schedule: its first N epochs (validated at N).
+    short = [] if stage2_epochs is None else [
+        "--set", f"combiner.epochs={stage2_epochs}",
+        "--set", f"combiner.validate_every={stage2_epochs}",
+    ]  # fmt: skip
+    name = f"rerank_s{seed}_combiner" + ("" if stage2_epochs is None else f"_e{stage2_epochs}")
     s2 = step(
-        out,
-        f"rerank_s{seed}_combiner",
-        RERANK,
-        "train-combiner",
-        [*base, "--set", f"finetune.checkpoint={s1}"],
+        out, name, RERANK, "train-combiner", [*base, "--set", f"finetune.checkpoint={s1}", *short]
     )
     return s1, s2
 
@@ -197,6 +201,7 @@ def evaluate(
         metrics = json.loads((run / "metrics.json").read_text())
         metrics = metrics.get("metrics", metrics)
         row = {"seed": seed, "init_seed": init_seed, "fusion": fusion, "run_dir": str(run)}
+        row["stage1_run"], row["stage2_run"], row["candidates"] = str(s1), str(s2), str(cands)
         for label, key in METRICS.items():
             row[f"{label} before"] = metrics[f"first_stage_{key}"]
             row[f"{label} after"] = metrics[key]
@@ -256,6 +261,11 @@ def main() -> None:
     )
     p.add_argument("--jobs", type=int, default=1, help="re-ranker seeds trained at once")
     p.add_argument(
+        "--stage2-epochs",
+        type=int,
+        help="train stage II for only the first N epochs of toy_rerank's schedule (CPU time)",
+    )
+    p.add_argument(
         "--first-stage-run",
         type=Path,
         help="reuse this finished toy_clip4cir stage-I run (seed 0) instead of training it",
@@ -272,7 +282,7 @@ def main() -> None:
         cands = first_pool.submit(first_stage, a.out, a.root, a.first_stage_run)
 
         def chain(seed: int) -> list[dict]:
-            s1, s2 = reranker(a.out, a.root, seed, a.init_seed)
+            s1, s2 = reranker(a.out, a.root, seed, a.init_seed, a.stage2_epochs)
             return evaluate(a.out, a.root, seed, a.init_seed, s1, s2, cands.result())
 
         for f in [pool.submit(chain, s) for s in a.seeds]:
