@@ -177,13 +177,21 @@ def reranker(
 
 
 def evaluate(
-    out: Path, root: str, seed: int, init_seed: int, s1: Path, s2: Path, cands: Path
+    out: Path,
+    root: str,
+    seed: int,
+    init_seed: int,
+    s1: Path,
+    s2: Path,
+    cands: Path,
+    stage2_epochs: int | None = None,
 ) -> list[dict]:
     rows = []
+    tag = "" if stage2_epochs is None else f"_e{stage2_epochs}"
     for fusion in ("none", "sum"):
         run = step(
             out,
-            f"rerank_s{seed}_val_{fusion}",
+            f"rerank_s{seed}_val_{fusion}{tag}",
             RERANK,
             "validate",
             [
@@ -201,6 +209,7 @@ def evaluate(
         metrics = json.loads((run / "metrics.json").read_text())
         metrics = metrics.get("metrics", metrics)
         row = {"seed": seed, "init_seed": init_seed, "fusion": fusion, "run_dir": str(run)}
+        row["stage2_epochs"] = stage2_epochs or "recipe"
         row["stage1_run"], row["stage2_run"], row["candidates"] = str(s1), str(s2), str(cands)
         for label, key in METRICS.items():
             row[f"{label} before"] = metrics[f"first_stage_{key}"]
@@ -220,34 +229,33 @@ def _ms(values: list[float]) -> str:
 
 
 def table(out: Path) -> str:
-    rows: dict[tuple[int, str], dict] = {}
+    rows: dict[tuple[str, str, int], dict] = {}
     for line in (out / "results.jsonl").read_text(encoding="utf-8").splitlines():
         r = json.loads(line)
-        rows[(r["seed"], r["fusion"])] = r  # the last result of a (seed, fusion)
-    seeds = sorted({s for s, _ in rows})
+        epochs = str(r.get("stage2_epochs", "recipe"))
+        rows[(epochs, r["fusion"], r["seed"])] = r  # the last result of each
     lines = [
-        f"| fusion | seeds | {' | '.join(f'{m} before' for m in ('R@1', 'R@5'))} | "
-        + " | ".join(f"{m} after" for m in ("R@1", "R@5"))
-        + " | (R@5+Rs@1)/2 before | (R@5+Rs@1)/2 after | R@1 after per seed |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| stage II epochs | fusion | seeds | R@1 before | R@5 before | R@1 after | R@5 after |"
+        " (R@5+Rs@1)/2 before | (R@5+Rs@1)/2 after | R@1 after per seed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for fusion in ("none", "sum"):
-        rs = [rows[(s, fusion)] for s in seeds if (s, fusion) in rows]
-        if not rs:
-            continue
-        label = "none (stage II alone)" if fusion == "none" else f"sum (w = {FUSION_WEIGHT:g})"
-        cells = [
-            _ms([r["R@1 before"] for r in rs]),
-            _ms([r["R@5 before"] for r in rs]),
-            _ms([r["R@1 after"] for r in rs]),
-            _ms([r["R@5 after"] for r in rs]),
-            _ms([r["(R@5+Rs@1)/2 before"] for r in rs]),
-            _ms([r["(R@5+Rs@1)/2 after"] for r in rs]),
-            " / ".join(f"{r['R@1 after']:.1f}" for r in rs),
-        ]
-        lines.append(
-            f"| {label} | {', '.join(str(r['seed']) for r in rs)} | " + " | ".join(cells) + " |"
-        )
+    for epochs in sorted({e for e, _, _ in rows}):
+        for fusion in ("none", "sum"):
+            rs = [r for (e, f, _), r in sorted(rows.items()) if e == epochs and f == fusion]
+            if not rs:
+                continue
+            label = "none (stage II alone)" if fusion == "none" else f"sum (w = {FUSION_WEIGHT:g})"
+            cells = [
+                _ms([r["R@1 before"] for r in rs]),
+                _ms([r["R@5 before"] for r in rs]),
+                _ms([r["R@1 after"] for r in rs]),
+                _ms([r["R@5 after"] for r in rs]),
+                _ms([r["(R@5+Rs@1)/2 before"] for r in rs]),
+                _ms([r["(R@5+Rs@1)/2 after"] for r in rs]),
+                " / ".join(f"{r['R@1 after']:.1f}" for r in rs),
+            ]
+            seeds = ", ".join(str(r["seed"]) for r in rs)
+            lines.append(f"| {epochs} | {label} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -283,7 +291,9 @@ def main() -> None:
 
         def chain(seed: int) -> list[dict]:
             s1, s2 = reranker(a.out, a.root, seed, a.init_seed, a.stage2_epochs)
-            return evaluate(a.out, a.root, seed, a.init_seed, s1, s2, cands.result())
+            return evaluate(
+                a.out, a.root, seed, a.init_seed, s1, s2, cands.result(), a.stage2_epochs
+            )
 
         for f in [pool.submit(chain, s) for s in a.seeds]:
             f.result()
