@@ -145,6 +145,8 @@ def weights_get(
                 typer.echo(f"by hand: curl -L --create-dirs -o {item.value} {entry.url}")
             else:
                 typer.echo(f"by hand: open {entry.url} and save the file as {item.value}")
+            if entry.use == "archive":
+                typer.echo(f"  then: {item.set_line}")
         else:
             typer.echo(f"by hand: {item.key} = {item.value} ({item.detail})")
     if left:

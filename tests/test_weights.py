@@ -114,6 +114,16 @@ def test_rerank_zip_sha1_and_the_files_it_holds(isolated: Path) -> None:
     block = out.split(f"[MISSING] --checkpoint = {stage2}\n")[1].split("\n  [")[0]
     assert "stage II dual encoder" in block and "2,772,083,982" in block
     assert out.count(f"--checkpoint = {stage2}") == 1
+    # `get`: the zip by hand (OneDrive), then unzip; each file points at the zip.
+    from tests.conftest import bert_vocab_file
+
+    (models / "candidate_rerank_ckpts.zip").unlink()
+    sets = ["--set", 'backbone.pretrained=""', "--set", f"backbone.tokenizer={bert_vocab_file()}"]
+    got = runner.invoke(app, ["weights", "get", "rerank_cirr", *sets])
+    assert got.exit_code == 2 and "Traceback" not in got.output
+    assert "save the file as models/candidate_rerank_ckpts.zip" in got.output
+    assert "then: unzip models/candidate_rerank_ckpts.zip -d models" in got.output
+    assert f"by hand: {stage2} comes in models/candidate_rerank_ckpts.zip" in got.output
 
 
 def test_check_lists_every_missing_input_at_once(isolated: Path) -> None:
