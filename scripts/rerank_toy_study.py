@@ -240,6 +240,11 @@ def table(out: Path) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for epochs in sorted({e for e, _, _ in rows}):
+        shown = epochs
+        if epochs == "recipe":
+            from cir_cli.recipes import load_recipe
+
+            shown = f"{load_recipe(RERANK).combiner.epochs} (recipe)"
         for fusion in ("none", "sum"):
             rs = [r for (e, f, _), r in sorted(rows.items()) if e == epochs and f == fusion]
             if not rs:
@@ -255,7 +260,7 @@ def table(out: Path) -> str:
                 " / ".join(f"{r['R@1 after']:.1f}" for r in rs),
             ]
             seeds = ", ".join(str(r["seed"]) for r in rs)
-            lines.append(f"| {epochs} | {label} | {seeds} | " + " | ".join(cells) + " |")
+            lines.append(f"| {shown} | {label} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
