@@ -88,6 +88,9 @@ class BackboneConfig(_Section):
     # Precision of frozen towers during feature extraction on GPU (training precision is the
     # stage's `amp`).
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    # Seed of the towers' random initialisation (pretrained = ""): fixes a random frozen tower
+    # across run seeds (toy studies); None = drawn from the run's seed, as before.
+    init_seed: int | None = None
     # Keys of other families: always unset here (setting one is an error naming the key), so
     # every [backbone] reads, dumps and shows the same keys (manifests, `cir recipes show`).
     image_size: None = None

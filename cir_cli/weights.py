@@ -61,6 +61,9 @@ class WeightFile:
     # A command that makes the file here (toy data), instead of a download.
     make: str | None = None
     note: str = ""
+    # The published archive (a row's `local`) this file comes in: no hash of its own; unzip
+    # the archive into the weights folder.
+    in_archive: str | None = None
 
     @property
     def hub_ref(self) -> str | None:
@@ -68,6 +71,26 @@ class WeightFile:
         if self.hub and len(self.hub_files) == 1:
             return f"hf://{self.hub}/{self.hub_files[0]}"
         return None
+
+
+_RR = "Cuberick-Orion/Candidate-Reranking-CIR DOWNLOAD.md"
+_RR_URL = "https://1drv.ms/u/s!AgLqyV5O53gxuMoaukdjb9FA46bymQ?e=XQKUbh"
+_RR_ZIP = "candidate_rerank_ckpts.zip"
+
+
+def _rr_file(local: str, use: str, size: int, what: str, recipes: tuple[str, ...]) -> WeightFile:
+    """A file inside the re-ranking zip: the zip listing's size, no published hash."""
+    return WeightFile(
+        "rerank/" + local,
+        "Candidate re-ranking " + what,
+        use,
+        local=local,
+        url=_RR_URL,
+        published_in=_RR + " (the zip's listing)",
+        size=size,
+        recipes=recipes,
+        in_archive=_RR_ZIP,
+    )
 
 
 WEIGHTS: tuple[WeightFile, ...] = (
@@ -129,6 +152,73 @@ WEIGHTS: tuple[WeightFile, ...] = (
         published_in=_BB,
         sha1="327703361117400de83936674d5c3032af37bd7a",
         recipes=("blip4cir_cirr",),
+    ),
+    # --- Candidate re-ranking (Liu et al., TMLR'24) ------------------------------------------
+    # One published zip (its SHA1 is in DOWNLOAD.md); the files inside have no published hash,
+    # so they are checked by the byte sizes of the zip's listing (spec reranking.md 8).
+    WeightFile(
+        _RR_ZIP,
+        "Candidate re-ranking archive: stage I + stage II checkpoints and top-200 files, CIRR "
+        "and FashionIQ (unzips to stage1/ and stage2/ in the weights folder)",
+        "archive",
+        local=_RR_ZIP,
+        url=_RR_URL,
+        published_in=_RR + " (7.637 GiB, sha1sum)",
+        sha1="a5e29b35ceae4fcb3782b8fd9228121090ddef64",
+        recipes=("rerank_cirr", "rerank_fiq", "rerank_sprc_cirr"),
+    ),
+    _rr_file(
+        "stage1/CIRR/saved_models/blip_mean.pt",
+        "finetune.checkpoint",
+        1_995_000_835,
+        "CIRR stage I ({'BLIP_Retrieval': ...}, best (R@5+Rs@1)/2)",
+        ("rerank_cirr", "rerank_sprc_cirr"),
+    ),
+    _rr_file(
+        "stage2/CIRR/saved_models/blip_mean.pt",
+        "--checkpoint",
+        2_772_083_982,
+        "CIRR stage II dual encoder ({'BLIP_NLVR': ...}, best (R@5+Rs@1)/2)",
+        ("rerank_cirr", "rerank_sprc_cirr"),
+    ),
+    _rr_file(
+        "stage1/CIRR/cirr_top_200_val.pt",
+        "rerank.candidates",
+        59_948_455,
+        "CIRR val stage-I top-200 names (or pass the folder stage1/CIRR)",
+        ("rerank_cirr",),
+    ),
+    _rr_file(
+        "stage1/CIRR/cirr_top_200_test1.pt",
+        "rerank.candidates",
+        56_473_007,
+        "CIRR test1 stage-I top-200 names (`cir submit cirr`; or the folder stage1/CIRR)",
+        ("rerank_cirr",),
+    ),
+    _rr_file(
+        "stage1/fashionIQ/saved_models/blip.pt",
+        "finetune.checkpoint",
+        1_995_000_835,
+        "FashionIQ stage I ({'BLIP_Retrieval': ...}, best average recall)",
+        ("rerank_fiq",),
+    ),
+    _rr_file(
+        "stage2/fashionIQ/saved_models/blip.pt",
+        "--checkpoint",
+        2_772_082_830,
+        "FashionIQ stage II dual encoder ({'BLIP_NLVR': ...})",
+        ("rerank_fiq",),
+    ),
+    *(
+        _rr_file(
+            f"stage1/fashionIQ/fiq_top_200_val_{cat}.pt",
+            "rerank.candidates",
+            size,
+            f"FashionIQ val {cat} stage-I top-200 names (pass the folder "
+            "stage1/fashionIQ: one file per category)",
+            ("rerank_fiq",),
+        )
+        for cat, size in (("dress", 23_952_043), ("shirt", 29_405_291), ("toptee", 26_371_563))
     ),
     # --- CLIP4Cir -----------------------------------------------------------------------------
     WeightFile(
@@ -465,11 +555,20 @@ def _looks_local(value: str) -> bool:
 
 def _entry_by_file(value: str) -> WeightFile | None:
     """The row of a local file, by name: its `local` path or, for a file downloaded from a
-    direct URL (OpenAI's RN50x4.pt), the URL's last part."""
+    direct URL (OpenAI's RN50x4.pt), the URL's last part. A name that several rows share (the
+    re-ranking zip's stage1/.../blip_mean.pt and stage2/.../blip_mean.pt) needs the row's whole
+    `local` path at the end of the value."""
+    parts = Path(value).parts
     name = Path(value).name
     for entry in WEIGHTS:
-        if entry.local and Path(entry.local).name == name:
+        local = Path(entry.local).parts if entry.local else ()
+        if len(local) > 1 and parts[-len(local) :] == local:
             return entry
+    named = [e for e in WEIGHTS if e.local and Path(e.local).name == name]
+    if len(named) == 1:
+        return named[0]
+    if named:
+        return None
     for entry in WEIGHTS:
         if entry.url and entry.url.endswith(".pt") and Path(entry.url).name == name:
             return entry
@@ -485,7 +584,7 @@ def _entry_by_tag(arch: str, tag: str) -> WeightFile | None:
 
 
 def missing_hint(value: str) -> str:
-    """"; make it with `cir prepare ...`" for files the toy commands make, else ""."""
+    """ "; make it with `cir prepare ...`" for files the toy commands make, else ""."""
     entry = _entry_by_file(value)
     return f"; make it with `{entry.make}`" if entry is not None and entry.make else ""
 
@@ -498,6 +597,8 @@ def looks_local(value: str) -> bool:
 def _set_line(key: str, value: str) -> str:
     if key == "--checkpoint":
         return f"--checkpoint {value}"
+    if key == "archive":  # an archive of published files, unpacked into the weights folder
+        return f"unzip {value} -d {Path(value).parent}"
     return f"--set {key}={value}"
 
 
@@ -518,7 +619,12 @@ def _check_local(item: Input, sha1: str | None = None) -> None:
     else:
         published = sha1 or (item.entry and (item.entry.sha1 or item.entry.sha256))
         item.status = "ok"
-        item.detail = "present, hash verified" if published else "present (no published hash)"
+        if published:
+            item.detail = "present, hash verified"
+        elif item.entry and item.entry.size:
+            item.detail = "present, size verified (no published hash)"
+        else:
+            item.detail = "present (no published hash)"
 
 
 def _check_hub(item: Input, repo: str, files: tuple[str, ...]) -> None:
@@ -630,11 +736,11 @@ def recipe_inputs(
             items.append(_checkpoint_input(key, ref))
 
     folder = weights_dir(directory)
-    given = {Path(i.value).name for i in items if i.value}
+    given = {i.entry.id for i in items if i.entry is not None}
     for entry in WEIGHTS:
         if not any(fnmatch.fnmatch(recipe.name, p) for p in entry.recipes):
             continue
-        if entry.local and Path(entry.local).name in given:
+        if entry.id in given:
             continue  # already a required input of this run
         if entry.hub_ref:
             value = entry.hub_ref
@@ -714,6 +820,8 @@ def describe(item: Input) -> list[str]:
             hashes.append(f"sha256 {entry.sha256}")
         if entry.size:
             hashes.append(f"size {entry.size:,} B")
+        if entry.in_archive:
+            hashes.append(f"inside {entry.in_archive} (SHA1 not published per file)")
         if hashes:
             lines.append(f"      verify: {', '.join(hashes)}")
         if entry.note:
@@ -793,13 +901,21 @@ def download_input(item: Input, repo: str, files: tuple[str, ...]) -> list[Path]
 
 
 def how_to_get(item: Input) -> str:
-    """One line on how to get a missing input the hub does not serve: the command that makes
-    it, a curl line for a direct URL, the page to save it from, or the key to set."""
+    """How to get a missing input the hub does not serve: the command that makes it, the
+    archive it comes in, a curl line for a direct URL, the page to save it from, or the key to
+    set; an archive adds a second line, the `--set` that uses it once unpacked."""
     entry = item.entry
     if entry is not None and entry.make:
         return f"make {item.value}: {entry.make}"
+    if entry is not None and entry.in_archive:
+        zipped = Path(item.value).parents[len(Path(entry.local or "").parts) - 1]
+        return f"by hand: {item.value} comes in {zipped / entry.in_archive} (above)"
     if entry is not None and entry.url:
         if entry.url.startswith(("https://storage.googleapis.com", "https://openaipublic")):
-            return f"by hand: curl -L --create-dirs -o {item.value} {entry.url}"
-        return f"by hand: open {entry.url} and save the file as {item.value}"
+            line = f"by hand: curl -L --create-dirs -o {item.value} {entry.url}"
+        else:
+            line = f"by hand: open {entry.url} and save the file as {item.value}"
+        if entry.use == "archive":
+            line += f"\n  then: {item.set_line}"
+        return line
     return f"by hand: {item.key} = {item.value} ({item.detail})"

@@ -77,6 +77,55 @@ def test_bi_blip4cir_hashes_equal_the_published_readme() -> None:
         assert by_name[name] == sha1, name
 
 
+def test_rerank_zip_sha1_and_the_files_it_holds(isolated: Path) -> None:
+    """Candidate re-ranking publishes one zip (DOWNLOAD.md gives its SHA1, quoted by the spec);
+    the files inside have no published hash and are checked by the zip listing's sizes. Two of
+    them share the name blip_mean.pt: the path picks the row."""
+    spec = SHARED_DATA.parent / "specs" / "reranking.md"
+    row = next(e for e in WEIGHTS if e.local == "candidate_rerank_ckpts.zip")
+    if spec.is_file():
+        quoted = re.search(r"sha1 `([0-9a-f]{40})`", spec.read_text()).group(1)
+        assert row.sha1 == quoted == "a5e29b35ceae4fcb3782b8fd9228121090ddef64"
+    listed = runner.invoke(app, ["weights", "list", "rerank_cirr"])
+    assert listed.exit_code == 0, listed.output
+    out = listed.output
+    assert "sha1 a5e29b35ceae4fcb3782b8fd9228121090ddef64" in out
+    assert "unzip models/candidate_rerank_ckpts.zip -d models" in out
+    assert "--set finetune.checkpoint=models/stage1/CIRR/saved_models/blip_mean.pt" in out
+    assert "--checkpoint models/stage2/CIRR/saved_models/blip_mean.pt" in out
+    assert "size 2,772,083,982 B, inside candidate_rerank_ckpts.zip (SHA1 not published" in out
+
+    models = isolated / "models"
+    (models / "stage1" / "CIRR" / "saved_models").mkdir(parents=True)
+    (models / "candidate_rerank_ckpts.zip").write_bytes(b"PK not the archive")
+    (models / "stage1" / "CIRR" / "saved_models" / "blip_mean.pt").write_bytes(b"short")
+    with (models / "stage1" / "CIRR" / "cirr_top_200_val.pt").open("wb") as handle:
+        handle.truncate(59_948_455)  # the listed size (sparse)
+    stage2 = "models/stage2/CIRR/saved_models/blip_mean.pt"
+    result = runner.invoke(app, ["weights", "check", "rerank_cirr", "--checkpoint", stage2])
+    out = result.output
+    assert result.exit_code == 2 and "Traceback" not in out
+    assert "[MISMATCH] archive = models/candidate_rerank_ckpts.zip" in out
+    assert "published a5e29b35ceae" in out
+    assert "published 1,995,000,835 B" in out  # stage I, by its own path
+    assert "[ok] rerank.candidates = models/stage1/CIRR/cirr_top_200_val.pt" in out
+    assert "present, size verified (no published hash)" in out
+    # --checkpoint names stage II's blip_mean.pt: stage II's row (size), not stage I's.
+    block = out.split(f"[MISSING] --checkpoint = {stage2}\n")[1].split("\n  [")[0]
+    assert "stage II dual encoder" in block and "2,772,083,982" in block
+    assert out.count(f"--checkpoint = {stage2}") == 1
+    # `get`: the zip by hand (OneDrive), then unzip; each file points at the zip.
+    from tests.conftest import bert_vocab_file
+
+    (models / "candidate_rerank_ckpts.zip").unlink()
+    sets = ["--set", 'backbone.pretrained=""', "--set", f"backbone.tokenizer={bert_vocab_file()}"]
+    got = runner.invoke(app, ["weights", "get", "rerank_cirr", *sets])
+    assert got.exit_code == 2 and "Traceback" not in got.output
+    assert "save the file as models/candidate_rerank_ckpts.zip" in got.output
+    assert "then: unzip models/candidate_rerank_ckpts.zip -d models" in got.output
+    assert f"by hand: {stage2} comes in models/candidate_rerank_ckpts.zip" in got.output
+
+
 def test_check_lists_every_missing_input_at_once(isolated: Path) -> None:
     result = runner.invoke(app, ["weights", "check", "blip4cir_cirr"])
     assert result.exit_code == 2

@@ -31,4 +31,12 @@ def build_backbone(config: BackboneConfig) -> Any:
         raise CirError(f"unknown backbone '{config.name}'; known: {', '.join(sorted(BACKBONES))}")
     module_name, class_name = target.split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
-    return cls.from_config(config)
+    if config.init_seed is None:
+        return cls.from_config(config)
+    import torch
+
+    # A private RNG stream: the towers' random weights depend on init_seed only, and the run's
+    # stream (heads built after the towers, data order, dropout) is not advanced.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.init_seed)
+        return cls.from_config(config)
