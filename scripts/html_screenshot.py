@@ -8,7 +8,7 @@ Usage (Debian: `apt-get install -y chromium`):
     cir search photos.cirindex --image q.jpg --text "is red" --html out.html
     python scripts/html_screenshot.py out.html out.png [--width 1200 --height 900]
 
-tests/test_search.py runs it (skipped when chromium is not installed).
+tests/search/test_search.py runs it (skipped when chromium is not installed).
 """
 
 from __future__ import annotations

@@ -26,10 +26,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / PACKAGE
 # Top to bottom. Each entry is a dotted module prefix: "cir_cli.engine" places cir_cli.engine and
 # every module below it. The package's own __init__ (exactly "cir_cli") is placed by ROOT_LAYER.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("cli", (
-        "cir_cli.cli", "cir_cli.cli_search", "cir_cli.cli_weights", "cir_cli.cli_demo",
-        "cir_cli.__main__",
-    )),
+    ("cli", ("cir_cli.cli", "cir_cli.__main__")),
     ("workflows", (
         "cir_cli.workflows", "cir_cli.api", "cir_cli.preflight", "cir_cli.search",
         "cir_cli.report", "cir_cli.demo", "cir_cli.run_table",
@@ -42,7 +39,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     )),
     ("base", (
         "cir_cli.metrics", "cir_cli.ranking", "cir_cli.io", "cir_cli.errors", "cir_cli.progress",
-        "cir_cli.ann", "cir_cli.submission", "cir_cli.registry",
+        "cir_cli.submission", "cir_cli.registry",
     )),
 ]
 ROOT_LAYER = "base"
@@ -335,6 +332,18 @@ def test_every_module_is_placed_in_a_layer() -> None:
         "modules in no layer (add them to LAYERS in tests/test_architecture.py): "
         + ", ".join(missing)
     )
+
+
+def test_every_layer_entry_names_a_module() -> None:
+    # A stale entry (a module that moved) would place nothing and hide a misplaced newcomer.
+    modules, _ = import_graph(PACKAGE_DIR)
+    stale = [
+        prefix
+        for _, prefixes in LAYERS
+        for prefix in prefixes
+        if not any(m == prefix or m.startswith(prefix + ".") for m in modules)
+    ]
+    assert not stale, "LAYERS entries that match no module: " + ", ".join(stale)
 
 
 def test_no_import_points_to_a_higher_layer() -> None:

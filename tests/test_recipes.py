@@ -170,7 +170,7 @@ def test_resolved_recipe_round_trips_through_its_manifest(name: str) -> None:
     recipe = load_recipe(name)
     manifest = json.loads(json.dumps(recipe.to_dict()))
     assert set(manifest["backbone"]) == {
-        "name", "arch", "pretrained", "precision", "image_size", "tokenizer",
+        "name", "arch", "pretrained", "precision", "init_seed", "image_size", "tokenizer",
         "vision_pretrained", "sha1",
     }
     assert validate_recipe(manifest, "manifest") == recipe

@@ -4,7 +4,7 @@ Every image is an inline base64 JPEG thumbnail and the CSS is inline, so the pag
 without the dataset. Every piece of text from the data (captions, ids, file names) goes through
 html.escape, as the `cir search --html` sheet does: a caption may hold `<script>`.
 
-DOM contract (tests/test_report.py checks it in a real browser):
+DOM contract (tests/report/test_report.py checks it in a real browser):
 * ``section.split[data-split]`` per split; inside ``article.query`` per shown query with
   ``data-rank`` (the target's 1-based rank) and ``data-query-id``;
 * ``img.thumb`` for every thumbnail; ``figure.target`` outlines the true target (among the top-k,

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.lavis
 lavis = pytest.importorskip("lavis", reason="salesforce-lavis is not installed (tox -e lavis)")
 
 from cir_cli.backbones.blip2 import ARCHS, Blip2Backbone, load_bert_tokenizer  # noqa: E402
+from tests.backbones.test_blip2 import lavis_layout  # noqa: E402
 from tests.conftest import bert_vocab_file  # noqa: E402
-from tests.test_blip2 import lavis_layout  # noqa: E402
 
 # Allowed |ours - LAVIS|, relative to the compared tensor's largest magnitude (ViT-g tokens reach
 # ~20): both run float32; the residue is summation order in the attention kernels (LAVIS: matmul +

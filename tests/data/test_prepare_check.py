@@ -28,7 +28,7 @@ from cir_cli.data.check import (
 )
 from cir_cli.errors import CirError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("CIR_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 

@@ -14,8 +14,8 @@ from cir_cli.engine.optim import onecycle
 from cir_cli.errors import CirError
 from cir_cli.methods.sprc import SPRC_CHECKPOINT_KEY, blip_caption
 from cir_cli.recipes import load_recipe
+from tests.backbones.test_blip2 import lavis_layout
 from tests.conftest import toy_overrides
-from tests.test_blip2 import lavis_layout
 
 
 @pytest.fixture(scope="module")

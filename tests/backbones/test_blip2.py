@@ -1,8 +1,8 @@
 """BLIP-2 backbone on transformers: key maps (LAVIS, SPRC, transformers), strict loading, paths.
 
 The LAVIS-layout state dicts here are written from the spec's key listing (sprc_cala.md 2.5),
-independently of the converter; tests/test_lavis_blip2.py checks that listing against LAVIS's
-own `Blip2Qformer.state_dict()`.
+independently of the converter; tests/backbones/test_lavis_blip2.py checks that listing
+against LAVIS's own `Blip2Qformer.state_dict()`.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from cir_cli.data import DATASETS, get_dataset, load_split, load_train_split
 from cir_cli.data.fashioniq import scan_images
 from cir_cli.errors import CirError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("CIR_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 

@@ -89,7 +89,7 @@ def test_transform_kinds_differ_on_wide_images() -> None:
 
 def test_palette_and_rgba_pad_black_when_converting_first() -> None:
     # Palette entry 0 is red: the reference's pad-before-convert fills with red (the default,
-    # tests/test_reference_preprocessing.py); rgb="first" (fixes.convert_rgb_first) pads black.
+    # tests/data/test_reference_preprocessing.py); rgb="first" (fixes.convert_rgb_first) pads black.
     palette_image = Image.new("P", (100, 50), 1)
     palette_image.putpalette([255, 0, 0, 0, 255, 0] + [0] * (256 * 3 - 6))
     rgba = Image.new("RGBA", (100, 50), (0, 255, 0, 0))  # transparent green, alpha dropped

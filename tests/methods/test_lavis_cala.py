@@ -19,7 +19,7 @@ pytestmark = pytest.mark.lavis
 
 lavis = pytest.importorskip("lavis", reason="salesforce-lavis is not installed (tox -e lavis)")
 
-from tests.test_lavis_blip2 import TEXTS, TOL, _build_lavis  # noqa: E402
+from tests.backbones.test_lavis_blip2 import TEXTS, TOL, _build_lavis  # noqa: E402
 
 
 def test_cala_blip2_files_give_lavis_features(monkeypatch, tmp_path) -> None:

@@ -18,8 +18,8 @@ from cir_cli.modules.cala_heads import (
     spatial_tokens,
 )
 from cir_cli.recipes import load_recipe
+from tests.backbones.test_blip2 import lavis_layout
 from tests.conftest import toy_overrides
-from tests.test_blip2 import lavis_layout
 
 CLIP_TINY = ['backbone.arch="cir-tiny-rn"', 'backbone.pretrained=""', "data.image_size=64"]
 

@@ -1,5 +1,6 @@
-"""Adding a dataset touches one file: tests/tiny_dataset.py registers a throwaway dataset, which
-then loads, validates in a recipe and evaluates through the real path with its own protocol."""
+"""Adding a dataset touches one file: tests/data/tiny_dataset.py registers a throwaway
+dataset, which then loads, validates in a recipe and evaluates through the real path with
+its own protocol."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from cir_cli.errors import CirError
 from cir_cli.evaluation import evaluate, selection_metric
 from cir_cli.methods.base import CIRMethod
 from cir_cli.recipes import load_recipe
-from tests import tiny_dataset as tiny_module
-from tests.tiny_dataset import tiny_dataset  # noqa: F401  (the fixture)
+from tests.data import tiny_dataset as tiny_module
+from tests.data.tiny_dataset import tiny_dataset  # noqa: F401  (the fixture)
 
 # Grey level per gallery image; the query is its reference's grey, the score -|difference|.
 GREYS = {"a": 0, "b": 40, "c": 60, "d": 120, "e": 130, "f": 250}
@@ -77,7 +78,7 @@ def test_a_dataset_is_added_from_one_file(tiny_dataset, tiny_root: Path) -> None
     assert {inspect.getsourcefile(f) for f in (tiny_dataset.load, tiny_dataset.summarize)} == {
         fixture_file
     }
-    package = Path(__file__).parents[1] / "cir_cli"
+    package = Path(__file__).parents[2] / "cir_cli"
     assert not any('"tiny_json"' in p.read_text(encoding="utf-8") for p in package.rglob("*.py"))
 
     [split] = load_split("tiny_json", tiny_root, "val")

@@ -1,6 +1,6 @@
-"""A method added from one file: tests/fixtures/throwaway_method.py registers a method and its
-[method] section; a recipe then names it, its keys are validated, and the real API builds,
-encodes and scores with it."""
+"""A method added from one file: tests/methods/fixtures/throwaway_method.py registers a
+method and its [method] section; a recipe then names it, its keys are validated, and the
+real API builds, encodes and scores with it."""
 
 from __future__ import annotations
 
