@@ -72,6 +72,20 @@ class CIRMethod(nn.Module):
         """
         return getattr(self, self.STAGE_TASKS[stage])(device)
 
+    def task_sections(self) -> dict[str, Any]:
+        """The recipe sections every stage task takes (methods/training.py), read from this
+        method's recipe: the factories pass them on with the stage's own section."""
+        from cir_cli.cache import default_cache
+
+        recipe = self.recipe
+        return {
+            "data": recipe.data,
+            "eval_cfg": recipe.eval,
+            "seed": recipe.seed,
+            "cache": default_cache(recipe),
+            "recipe_record": recipe.to_dict(),
+        }
+
     # -- preprocessing ---------------------------------------------------------------------
 
     @property

@@ -45,7 +45,7 @@ from cir_cli.registry import register_method
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from cir_cli.config import Recipe
+    from cir_cli.config import CombinerConfig, FinetuneConfig, Recipe
     from cir_cli.data.base import CIRSplit
     from cir_cli.modules.combiner import Combiner
 
@@ -252,10 +252,13 @@ class Blip4Cir(FusedFeatureMethod):
     # -- training ----------------------------------------------------------------------------
 
     def finetune_task(self, device: torch.device) -> Blip4CirFinetune:
-        return Blip4CirFinetune(self, device)
+        return Blip4CirFinetune(self, device, self.recipe.finetune, **self.task_sections())
 
     def combiner_task(self, device: torch.device) -> Blip4CirCombinerTraining:
-        return Blip4CirCombinerTraining(self, device)
+        recipe = self.recipe
+        return Blip4CirCombinerTraining(
+            self, device, recipe.combiner, finetune=recipe.finetune, **self.task_sections()
+        )
 
 
 class _DirectedTask(TripletTrainingTask):
@@ -276,7 +279,7 @@ class _DirectedTask(TripletTrainingTask):
         triplet = self.split.triplets[index]
         if caption_variants(triplet, self.policy) != 4:
             return None, None
-        seed = self.recipe.seed
+        seed = self.seed
         forward = sample_rng(seed, self.epoch, index).randrange(4)
         if self.model.prompts == "token":
             return forward, forward
@@ -297,15 +300,20 @@ class Blip4CirFinetune(CachedRowsStage, _DirectedTask):
 
     stage = "finetune"
 
-    def __init__(self, model: Blip4Cir, device: torch.device) -> None:
-        super().__init__(model, device)
-        self.cfg = self.recipe.finetune
+    def __init__(
+        self,
+        model: Blip4Cir,
+        device: torch.device,
+        cfg: FinetuneConfig,
+        **sections: Any,
+    ) -> None:
+        super().__init__(model, device, cfg, **sections)
         if self.cfg.encoder != "text":
             raise CirError(
                 f"finetune.encoder = '{self.cfg.encoder}': BLIP4CIR trains the text tower only "
                 "(the image tower is frozen and cached, spec 3.3); set finetune.encoder = 'text'"
             )
-        self.weight = self.recipe.method.finetune_reverse_weight
+        self.weight = model.cfg.finetune_reverse_weight
         # Stage I trains and validates the element-wise sum (spec 3.3), whatever the recipe's
         # `combining`: an untrained Combiner must not pick the best stage-I checkpoint.
         model.combiner = None
@@ -328,7 +336,7 @@ class Blip4CirFinetune(CachedRowsStage, _DirectedTask):
         backbone = self.model.backbone
         proj = {id(p) for p in backbone.text_proj.parameters()}
         body = [p for p in backbone.text_parameters() if id(p) not in proj]
-        method = self.recipe.method
+        method = self.model.cfg
         return [
             {"params": body, "lr": self.cfg.lr, "weight_decay": self.cfg.weight_decay},
             # Second: the seeds schedule group 0 only (onlyGroup0=True), so with
@@ -373,10 +381,15 @@ class Blip4CirCombinerTraining(CombinerStage, _DirectedTask):
 
     stage = "combiner"
 
-    def __init__(self, model: Blip4Cir, device: torch.device) -> None:
-        super().__init__(model, device)
-        self.cfg = self.recipe.combiner
-        self.weight = self.recipe.method.combiner_reverse_weight
+    def __init__(
+        self,
+        model: Blip4Cir,
+        device: torch.device,
+        cfg: CombinerConfig,
+        **sections: Any,
+    ) -> None:
+        super().__init__(model, device, cfg, **sections)
+        self.weight = model.cfg.combiner_reverse_weight
         if model.combiner is None:
             model.add_combiner()
             model.combiner.to(device)
@@ -425,7 +438,7 @@ class Blip4CirCombinerTraining(CombinerStage, _DirectedTask):
         if self.weight == 0:
             return loss_f, parts
         logits_r = reversed_combiner_logits(
-            combiner, refs, all_targets, backward, scale, self.recipe.method.reverse_chunk
+            combiner, refs, all_targets, backward, scale, self.model.cfg.reverse_chunk
         )
         loss_r = _ce(logits_r, offset)
         parts["loss_reversed"] = float(loss_r.detach())

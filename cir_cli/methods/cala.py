@@ -61,7 +61,7 @@ from cir_cli.modules.cala_heads import (
 from cir_cli.registry import register_method
 
 if TYPE_CHECKING:
-    from cir_cli.config import Recipe
+    from cir_cli.config import FinetuneConfig, FixesConfig, Recipe
 
 # Class-name keys of CaLa's saved files: {"epoch": int, "<class name>": state_dict} (spec 3.7).
 BLIP2_KEY = "Blip2Qformer"
@@ -420,7 +420,10 @@ class Cala(CIRMethod):
     # -- training ------------------------------------------------------------------------------
 
     def finetune_task(self, device: torch.device) -> CalaFinetune:
-        return CalaFinetune(self, device)
+        recipe = self.recipe
+        return CalaFinetune(
+            self, device, recipe.finetune, fixes=recipe.fixes, **self.task_sections()
+        )
 
 
 class CalaFinetune(CachedRowsStage, TripletTrainingTask):
@@ -428,9 +431,17 @@ class CalaFinetune(CachedRowsStage, TripletTrainingTask):
 
     stage = "finetune"
 
-    def __init__(self, model: Cala, device: torch.device) -> None:
-        super().__init__(model, device)
-        self.cfg = self.recipe.finetune
+    def __init__(
+        self,
+        model: Cala,
+        device: torch.device,
+        cfg: FinetuneConfig,
+        *,
+        fixes: FixesConfig,
+        **sections: Any,
+    ) -> None:
+        super().__init__(model, device, cfg, **sections)
+        self.fixes = fixes
         self.method_cfg = model.cfg
         if self.cfg.encoder != "both":
             raise CirError(
@@ -469,7 +480,7 @@ class CalaFinetune(CachedRowsStage, TripletTrainingTask):
         """
         model: Cala = self.model
         mc, lr, wd = self.method_cfg, self.cfg.lr, self.cfg.weight_decay
-        merge_tokens = self.recipe.fixes.schedule_query_tokens
+        merge_tokens = self.fixes.schedule_query_tokens
         if model.family == "blip2":
             mm = model.multimodal_qformer
             body = [p for p in mm.parameters() if p is not mm.query_tokens]

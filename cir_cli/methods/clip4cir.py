@@ -26,7 +26,7 @@ from cir_cli.registry import register_method
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from cir_cli.config import Recipe
+    from cir_cli.config import CombinerConfig, FinetuneConfig, Recipe
 
 
 @register_method("clip4cir", config=Clip4CirMethodConfig)
@@ -91,10 +91,13 @@ class Clip4Cir(FusedFeatureMethod):
     # -- training ------------------------------------------------------------------------------
 
     def finetune_task(self, device: torch.device) -> Clip4CirFinetune:
-        return Clip4CirFinetune(self, device)
+        return Clip4CirFinetune(self, device, self.recipe.finetune, **self.task_sections())
 
     def combiner_task(self, device: torch.device) -> Clip4CirCombinerTraining:
-        return Clip4CirCombinerTraining(self, device)
+        recipe = self.recipe
+        return Clip4CirCombinerTraining(
+            self, device, recipe.combiner, finetune=recipe.finetune, **self.task_sections()
+        )
 
 
 class Clip4CirFinetune(TripletTrainingTask):
@@ -102,10 +105,14 @@ class Clip4CirFinetune(TripletTrainingTask):
 
     stage = "finetune"
 
-    def __init__(self, model: Clip4Cir, device: torch.device) -> None:
-        super().__init__(model, device)
-        cfg = self.recipe.finetune
-        self.cfg = cfg
+    def __init__(
+        self,
+        model: Clip4Cir,
+        device: torch.device,
+        cfg: FinetuneConfig,
+        **sections: Any,
+    ) -> None:
+        super().__init__(model, device, cfg, **sections)
         model.image_tower_trainable = cfg.encoder in ("both", "image")
         # Stage I is the element-wise sum (spec 3.2): train and validate without a Combiner.
         model.combiner = None
@@ -115,7 +122,7 @@ class Clip4CirFinetune(TripletTrainingTask):
             # encoder = text: the image tower is frozen, so its features are computed once
             # (cached on disk) and never re-encoded per epoch.
             self.features = self.train_image_features()
-        elif self.recipe.data.cache_pixels:
+        elif self.data.cache_pixels:
             self.pixels = self.train_pixels()
         if cfg.grad_checkpointing:
             model.backbone.set_grad_checkpointing(True)
@@ -126,7 +133,7 @@ class Clip4CirFinetune(TripletTrainingTask):
 
         def compute(chunk: list[str]) -> torch.Tensor:
             files = ImageFiles.from_names(chunk, self.split.image_paths, self.model.preprocess)
-            loader = DataLoader(files, batch_size=256, num_workers=self.recipe.data.num_workers)
+            loader = DataLoader(files, batch_size=256, num_workers=self.data.num_workers)
             out = []
             with progress_bar("decoding training images", len(chunk)) as advance:
                 for _, pixels in loader:
@@ -143,7 +150,7 @@ class Clip4CirFinetune(TripletTrainingTask):
             return None
         from cir_cli.data.training import TripletImages
 
-        ds = TripletImages(self.split, self.model.preprocess, self.policy, self.recipe.seed)
+        ds = TripletImages(self.split, self.model.preprocess, self.policy, self.seed)
         ds.epoch = self.epoch
         return ds
 
@@ -159,9 +166,7 @@ class Clip4CirFinetune(TripletTrainingTask):
         ts = [self.split.triplets[i] for i in indices]
         refs = feats[[rows[t.reference] for t in ts]]
         tgts = feats[[rows[t.target] for t in ts]]
-        texts = [
-            training_text(self.split, self.policy, self.recipe.seed, self.epoch, i) for i in indices
-        ]
+        texts = [training_text(self.split, self.policy, self.seed, self.epoch, i) for i in indices]
         return refs, tgts, texts
 
     def param_groups(self) -> list[dict]:
@@ -207,9 +212,14 @@ class Clip4CirCombinerTraining(CombinerStage, TripletTrainingTask):
 
     stage = "combiner"
 
-    def __init__(self, model: Clip4Cir, device: torch.device) -> None:
-        super().__init__(model, device)
-        self.cfg = self.recipe.combiner
+    def __init__(
+        self,
+        model: Clip4Cir,
+        device: torch.device,
+        cfg: CombinerConfig,
+        **sections: Any,
+    ) -> None:
+        super().__init__(model, device, cfg, **sections)
         model.image_tower_trainable = False
         if model.combiner is None:
             model.add_combiner()
@@ -243,10 +253,7 @@ class Clip4CirCombinerTraining(CombinerStage, TripletTrainingTask):
         idx = torch.tensor(indices)
         variant = (
             torch.tensor(
-                [
-                    text_variant(self.split, self.policy, self.recipe.seed, self.epoch, i)
-                    for i in indices
-                ]
+                [text_variant(self.split, self.policy, self.seed, self.epoch, i) for i in indices]
             )
             if self.variant_rows.shape[1] > 1
             else torch.zeros(len(indices), dtype=torch.long)

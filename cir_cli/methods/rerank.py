@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from cir_cli.cache import FeatureCache
-    from cir_cli.config import Recipe
+    from cir_cli.config import CombinerConfig, FinetuneConfig, Recipe
     from cir_cli.data.base import CIRSplit
 
 # Scores of (query, candidate) pairs whose candidate slot is padding.
@@ -432,10 +432,19 @@ class Rerank(CIRMethod):
     # -- training ----------------------------------------------------------------------------
 
     def finetune_task(self, device: torch.device) -> RerankStage1:
-        return RerankStage1(self, device)
+        return RerankStage1(self, device, self.recipe.finetune, **self.task_sections())
 
     def combiner_task(self, device: torch.device) -> RerankStage2:
-        return RerankStage2(self, device)
+        if not self.recipe.rerank.candidates:
+            # Validating stage II means re-ranking: the method's own stage-I list by default
+            # (the checkpoint records this recipe).
+            recipe = self.recipe.model_copy(deep=True)
+            recipe.rerank.candidates = "self"
+            self.recipe = recipe
+        recipe = self.recipe
+        return RerankStage2(
+            self, device, recipe.combiner, finetune=recipe.finetune, **self.task_sections()
+        )
 
 
 def _is_blip_file(pretrained: str) -> bool:
@@ -503,9 +512,7 @@ class _RerankTask(CachedRowsStage, TripletTrainingTask):
         from cir_cli.data.training import training_text
 
         idx = torch.tensor(indices)
-        texts = [
-            training_text(self.split, self.policy, self.recipe.seed, self.epoch, i) for i in indices
-        ]
+        texts = [training_text(self.split, self.policy, self.seed, self.epoch, i) for i in indices]
         return self.features[self.ref_rows[idx]], self.features[self.tgt_rows[idx]], texts
 
 
@@ -514,9 +521,14 @@ class RerankStage1(_RerankTask):
 
     stage = "finetune"
 
-    def __init__(self, model: Rerank, device: torch.device) -> None:
-        super().__init__(model, device)
-        self.cfg = self.recipe.finetune
+    def __init__(
+        self,
+        model: Rerank,
+        device: torch.device,
+        cfg: FinetuneConfig,
+        **sections: Any,
+    ) -> None:
+        super().__init__(model, device, cfg, **sections)
         model.rerank_disabled = True
         self.rows, self.features = self.train_image_features(lazy=True)
         self.index_triplet_rows(self.rows)
@@ -551,21 +563,23 @@ class RerankStage2(_RerankTask):
 
     stage = "combiner"
 
-    def __init__(self, model: Rerank, device: torch.device) -> None:
-        super().__init__(model, device)
-        self.cfg = self.recipe.combiner
-        if not self.recipe.finetune.checkpoint:
+    def __init__(
+        self,
+        model: Rerank,
+        device: torch.device,
+        cfg: CombinerConfig,
+        *,
+        finetune: FinetuneConfig,
+        **sections: Any,
+    ) -> None:
+        super().__init__(model, device, cfg, **sections)
+        self.finetune = finetune
+        if not finetune.checkpoint:
             raise CirError(
                 "stage II needs the trained stage I: set finetune.checkpoint (a finetune run, "
                 "'latest', or the published stage1 blip_mean.pt)"
             )
         model.scorer_ready = True
-        if not self.recipe.rerank.candidates:
-            # Validating stage II means re-ranking: the method's own stage-I list by default.
-            recipe = self.recipe.model_copy(deep=True)
-            recipe.rerank.candidates = "self"
-            model.recipe = recipe
-            self.recipe = recipe
         self.rows, self.features = self.train_image_features(lazy=True)
         self.index_triplet_rows(self.rows)
 
@@ -579,16 +593,14 @@ class RerankStage2(_RerankTask):
     def set_train_mode(self) -> None:
         self.model.eval()
         self.model.scorer.train()
-        if self.recipe.method.noisy_z_t:
+        if self.model.cfg.noisy_z_t:
             self.model.backbone.text_encoder.train()  # CR: stage I in train mode (dropout)
 
     def checkpoint_metadata(self) -> dict:
         meta = super().checkpoint_metadata()
         from cir_cli.runs import resolve_weights_file
 
-        meta["base_checkpoint"] = str(
-            resolve_weights_file(self.recipe.finetune.checkpoint).resolve()
-        )
+        meta["base_checkpoint"] = str(resolve_weights_file(self.finetune.checkpoint).resolve())
         return meta
 
     def compute_loss(self, batch):

@@ -42,7 +42,7 @@ from cir_cli.registry import register_method
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from cir_cli.config import Recipe
+    from cir_cli.config import FinetuneConfig, Recipe
 
 # SPRC's checkpoint entry (spec 2.5): {"epoch": int, "Blip2QformerCirAlignPrompt": state_dict}.
 SPRC_CHECKPOINT_KEY = "Blip2QformerCirAlignPrompt"
@@ -208,7 +208,7 @@ class Sprc(CIRMethod):
     # -- training ------------------------------------------------------------------------------
 
     def finetune_task(self, device: torch.device) -> SprcFinetune:
-        return SprcFinetune(self, device)
+        return SprcFinetune(self, device, self.recipe.finetune, **self.task_sections())
 
 
 class SprcFinetune(CachedRowsStage, TripletTrainingTask):
@@ -216,10 +216,15 @@ class SprcFinetune(CachedRowsStage, TripletTrainingTask):
 
     stage = "finetune"
 
-    def __init__(self, model: Sprc, device: torch.device) -> None:
-        super().__init__(model, device)
-        self.cfg = self.recipe.finetune
-        self.method_cfg = self.recipe.method
+    def __init__(
+        self,
+        model: Sprc,
+        device: torch.device,
+        cfg: FinetuneConfig,
+        **sections: Any,
+    ) -> None:
+        super().__init__(model, device, cfg, **sections)
+        self.method_cfg = model.cfg
         if self.cfg.encoder != "both":
             raise CirError(
                 "finetune.encoder: SPRC trains the Q-Former (the ViT is always frozen); "

@@ -1,25 +1,36 @@
 """Training-task base classes the methods' stages share (engine/trainer.py runs the loop).
 
-They sit beside the methods, not in the engine: they read the recipe a method was built from
-and drive it through the method contract (methods/base.py); the trainer only sees the
-`TrainingTask` protocol.
+They sit beside the methods, not in the engine: they drive a method through the method
+contract (methods/base.py); the trainer only sees the `TrainingTask` protocol. A task takes the
+recipe sections it reads as arguments (data, eval, its stage section, the seed); the method's
+`finetune_task` / `combiner_task` is the one place that picks them out of the recipe.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cir_cli.cache import default_cache
 from cir_cli.checkpoints import load_named_state, named_trainable_state
-from cir_cli.data import load_eval_splits, load_train_split, recipe_categories, train_caption_policy
+from cir_cli.data import (
+    get_dataset,
+    load_split,
+    load_train_split,
+    recipe_categories,
+    train_caption_policy,
+)
 from cir_cli.data.training import training_text
 from cir_cli.errors import CirError
-from cir_cli.evaluation import compute_representations, evaluate, selection_metric
+from cir_cli.evaluation import compute_representations, evaluate
 from cir_cli.methods.base import CIRMethod
 from cir_cli.progress import progress_bar
 from cir_cli.runs import resolve_weights_file
+
+if TYPE_CHECKING:
+    from cir_cli.cache import FeatureCache
+    from cir_cli.config import CombinerConfig, DataConfig, EvalConfig, FinetuneConfig
 
 
 class TripletTrainingTask:
@@ -28,27 +39,50 @@ class TripletTrainingTask:
     Subclasses set `stage` and implement `dataset`/`gather`, `param_groups` (the optimizer and
     the schedule are the recipe's, engine/optim.py), `set_train_mode` and `compute_loss` (see
     engine/trainer.py `TrainingTask`).
+
+    Arguments besides the model: `cfg`, the stage's own section ([finetune] or [combiner],
+    read as `self.cfg`); `data` and `eval_cfg`, the [data] and [eval] sections; `seed`, the
+    run's seed (training-text draws); `cache`, the recipe's feature cache; `recipe_record`, what
+    the checkpoint records as its recipe (the whole recipe's `to_dict()`, saved as is).
     """
 
     stage = ""
 
-    def __init__(self, model: CIRMethod, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: CIRMethod,
+        device: torch.device,
+        cfg: FinetuneConfig | CombinerConfig,
+        *,
+        data: DataConfig,
+        eval_cfg: EvalConfig,
+        seed: int,
+        cache: FeatureCache,
+        recipe_record: dict[str, Any],
+    ) -> None:
 
         self.model = model
-        self.recipe = model.recipe
         self.device = device
-        data = self.recipe.data
+        self.cfg = cfg
+        self.data = data
+        self.eval_cfg = eval_cfg
+        self.seed = seed
+        self.recipe_record = recipe_record
+        root = Path(data.root).expanduser()
         categories = recipe_categories(data.dataset, data.categories)
-        self.split = load_train_split(
-            data.dataset, Path(data.root).expanduser(), categories, data.train_split
-        )
+        self.split = load_train_split(data.dataset, root, categories, data.train_split)
         if any(t.target is None for t in self.split.triplets):
             raise CirError(f"{self.split.label}: training needs targets for every triplet")
         self.policy = train_caption_policy(self.split, data.train_caption_policy)
-        self.val_splits = load_eval_splits(self.recipe, data.val_split)
-        self.cache = default_cache(self.recipe)
+        # As data.load_eval_splits / evaluation.selection_metric read them from a recipe.
+        self.val_splits = load_split(
+            data.dataset, root, data.val_split or eval_cfg.split, categories
+        )
+        self.cache = cache
         self.epoch = 0
-        self.selection_metric = selection_metric(self.recipe)
+        self.selection_metric = (
+            eval_cfg.selection_metric or get_dataset(data.dataset).selection_metric
+        )
 
     def num_samples(self) -> int:
         return len(self.split.triplets)
@@ -62,9 +96,9 @@ class TripletTrainingTask:
             self.model,
             self.val_splits,
             cache=cache,
-            batch_size=self.recipe.eval.batch_size,
-            num_workers=self.recipe.data.num_workers,
-            rank_chunk=self.recipe.eval.rank_chunk,
+            batch_size=self.eval_cfg.batch_size,
+            num_workers=self.data.num_workers,
+            rank_chunk=self.eval_cfg.rank_chunk,
         )
         return result.metrics
 
@@ -75,7 +109,7 @@ class TripletTrainingTask:
         load_named_state(self.model, state, "resume state")
 
     def checkpoint_metadata(self) -> dict:
-        return {"stage": self.stage, "recipe": self.recipe.to_dict()}
+        return {"stage": self.stage, "recipe": self.recipe_record}
 
     def train_image_features(
         self, lazy: bool = False, key: str | None = None, encode=None
@@ -95,8 +129,8 @@ class TripletTrainingTask:
                 self.model,
                 chunk,
                 self.split.image_paths,
-                self.recipe.eval.batch_size,
-                self.recipe.data.num_workers,
+                self.eval_cfg.batch_size,
+                self.data.num_workers,
                 description="encoding training images",
                 encode=encode,
             )
@@ -117,7 +151,7 @@ class TripletTrainingTask:
         """Frozen text features of `texts` in eval mode (cached by the caller)."""
         self.model.eval()
         out = []
-        batch = self.recipe.eval.batch_size
+        batch = self.eval_cfg.batch_size
         with progress_bar("encoding training texts", len(texts)) as advance:
             for start in range(0, len(texts), batch):
                 out.append(self.model.encode_texts(texts[start : start + batch]).float().cpu())
@@ -138,18 +172,21 @@ class CachedRowsStage:
 
     def gather(self, indices: list[int]):
         idx = torch.tensor(indices)
-        texts = [
-            training_text(self.split, self.policy, self.recipe.seed, self.epoch, i) for i in indices
-        ]
+        texts = [training_text(self.split, self.policy, self.seed, self.epoch, i) for i in indices]
         return self.features[self.ref_rows[idx]], self.features[self.tgt_rows[idx]], texts
 
 
 class CombinerStage(CachedRowsStage):
     """Mixin for stage-II tasks: only the Combiner trains (Adam), on in-memory cached features.
 
-    Mixed in before a TripletTrainingTask subclass that sets `self.cfg` (the [combiner]
-    section) and fills the cached feature tables its `gather` reads.
+    Mixed in before a TripletTrainingTask subclass (built with the [combiner] section as its
+    `cfg`) that fills the cached feature tables its `gather` reads. `finetune` is the [finetune]
+    section: its `checkpoint` names the stage-I weights the Combiner sits on.
     """
+
+    def __init__(self, *args: Any, finetune: FinetuneConfig, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.finetune = finetune
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.model.combiner.parameters()), "lr": self.cfg.lr}]
@@ -161,7 +198,7 @@ class CombinerStage(CachedRowsStage):
     def checkpoint_metadata(self) -> dict:
         """Also names the stage-I checkpoint, so the Combiner alone brings its encoders back."""
         meta = super().checkpoint_metadata()
-        base = self.recipe.finetune.checkpoint
+        base = self.finetune.checkpoint
         if base:
             meta["base_checkpoint"] = str(resolve_weights_file(base).resolve())
         return meta

@@ -394,7 +394,7 @@ def test_fashioniq_training_draws(prompts: str) -> None:
     task = SimpleNamespace(
         split=SimpleNamespace(triplets=[FIQ] * 64),
         policy="fiq_random",
-        recipe=SimpleNamespace(seed=0),
+        seed=0,
         epoch=0,
         model=SimpleNamespace(
             prompts=prompts,
