@@ -73,7 +73,7 @@ class Evaluation:
 
 def _autocast(model: CIRMethod):
     device = model.device
-    precision = getattr(model.recipe.backbone, "precision", "fp32")
+    precision = model.recipe.backbone.precision
     if device.type != "cuda" or precision == "fp32":
         return torch.autocast(device_type=device.type, enabled=False)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
