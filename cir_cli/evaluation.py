@@ -24,13 +24,20 @@ from cir_cli.errors import CirError
 from cir_cli.progress import progress_bar
 
 if TYPE_CHECKING:
+    from cir_cli.config import EvalConfig
+
     # Typing only: evaluation drives any method through its contract and sits below methods/.
     from cir_cli.methods.base import CIRMethod
 
 
 def selection_metric(recipe) -> str:
     """The metric that picks the `best` checkpoint: eval.selection_metric or the dataset's."""
-    return recipe.eval.selection_metric or get_dataset(recipe.data.dataset).selection_metric
+    return eval_selection_metric(recipe.eval, recipe.data.dataset)
+
+
+def eval_selection_metric(eval_cfg: EvalConfig, dataset: str) -> str:
+    """`selection_metric` from the [eval] section and the dataset name."""
+    return eval_cfg.selection_metric or get_dataset(dataset).selection_metric
 
 
 RANKING_DEPTH = 50  # what the CIRR/CIRCO servers take

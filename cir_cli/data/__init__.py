@@ -15,7 +15,7 @@ from cir_cli.data.base import CIRSplit, DatasetSpec, Submission, Triplet
 from cir_cli.errors import CirError
 
 if TYPE_CHECKING:
-    from cir_cli.config import Recipe
+    from cir_cli.config import DataConfig, Recipe
 
 # Adding a dataset: one module that parses its layout into `CIRSplit`s and declares its
 # `DatasetSpec` (loading and protocol), plus a line here (or `register_dataset` from outside).
@@ -97,12 +97,15 @@ def load_train_split(
     return spec.merge(splits)
 
 
+def load_data_split(data: DataConfig, split: str) -> list[CIRSplit]:
+    """`split` of the [data] section's dataset as `CIRSplit`s (its categories where they apply)."""
+    categories = recipe_categories(data.dataset, data.categories)
+    return load_split(data.dataset, Path(data.root).expanduser(), split, categories)
+
+
 def load_eval_splits(recipe: Recipe, split: str | None = None) -> list[CIRSplit]:
     """The recipe's evaluation split (`split`, default eval.split) as `CIRSplit`s."""
-    data = recipe.data
-    root = Path(data.root).expanduser()
-    categories = recipe_categories(data.dataset, data.categories)
-    return load_split(data.dataset, root, split or recipe.eval.split, categories)
+    return load_data_split(recipe.data, split or recipe.eval.split)
 
 
 __all__ = [
@@ -112,6 +115,7 @@ __all__ = [
     "Submission",
     "Triplet",
     "get_dataset",
+    "load_data_split",
     "load_eval_splits",
     "load_split",
     "load_train_split",

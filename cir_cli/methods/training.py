@@ -15,15 +15,14 @@ import torch
 
 from cir_cli.checkpoints import load_named_state, named_trainable_state
 from cir_cli.data import (
-    get_dataset,
-    load_split,
+    load_data_split,
     load_train_split,
     recipe_categories,
     train_caption_policy,
 )
 from cir_cli.data.training import training_text
 from cir_cli.errors import CirError
-from cir_cli.evaluation import compute_representations, evaluate
+from cir_cli.evaluation import compute_representations, eval_selection_metric, evaluate
 from cir_cli.methods.base import CIRMethod
 from cir_cli.progress import progress_bar
 from cir_cli.runs import resolve_weights_file
@@ -74,15 +73,10 @@ class TripletTrainingTask:
         if any(t.target is None for t in self.split.triplets):
             raise CirError(f"{self.split.label}: training needs targets for every triplet")
         self.policy = train_caption_policy(self.split, data.train_caption_policy)
-        # As data.load_eval_splits / evaluation.selection_metric read them from a recipe.
-        self.val_splits = load_split(
-            data.dataset, root, data.val_split or eval_cfg.split, categories
-        )
+        self.val_splits = load_data_split(data, data.val_split or eval_cfg.split)
         self.cache = cache
         self.epoch = 0
-        self.selection_metric = (
-            eval_cfg.selection_metric or get_dataset(data.dataset).selection_metric
-        )
+        self.selection_metric = eval_selection_metric(eval_cfg, data.dataset)
 
     def num_samples(self) -> int:
         return len(self.split.triplets)
