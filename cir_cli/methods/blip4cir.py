@@ -45,7 +45,7 @@ from cir_cli.registry import register_method
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from cir_cli.config import CombinerConfig, FinetuneConfig, Recipe
+    from cir_cli.config import Recipe
     from cir_cli.data.base import CIRSplit
     from cir_cli.modules.combiner import Combiner
 
@@ -300,14 +300,9 @@ class Blip4CirFinetune(CachedRowsStage, _DirectedTask):
 
     stage = "finetune"
 
-    def __init__(
-        self,
-        model: Blip4Cir,
-        device: torch.device,
-        cfg: FinetuneConfig,
-        **sections: Any,
-    ) -> None:
-        super().__init__(model, device, cfg, **sections)
+    def __init__(self, model: Blip4Cir, *args: Any, **kwargs: Any) -> None:
+        # args: device, the stage's section, and the sections of methods/training.py
+        super().__init__(model, *args, **kwargs)
         if self.cfg.encoder != "text":
             raise CirError(
                 f"finetune.encoder = '{self.cfg.encoder}': BLIP4CIR trains the text tower only "
@@ -381,18 +376,13 @@ class Blip4CirCombinerTraining(CombinerStage, _DirectedTask):
 
     stage = "combiner"
 
-    def __init__(
-        self,
-        model: Blip4Cir,
-        device: torch.device,
-        cfg: CombinerConfig,
-        **sections: Any,
-    ) -> None:
-        super().__init__(model, device, cfg, **sections)
+    def __init__(self, model: Blip4Cir, *args: Any, **kwargs: Any) -> None:
+        # args: device, the stage's section, and the sections of methods/training.py
+        super().__init__(model, *args, **kwargs)
         self.weight = model.cfg.combiner_reverse_weight
         if model.combiner is None:
             model.add_combiner()
-            model.combiner.to(device)
+            model.combiner.to(self.device)
         self.rows, self.image_feats = self.train_image_features()
         per_direction: dict[str, list[list[str]]] = {"forward": [], "backward": []}
         for t in self.split.triplets:

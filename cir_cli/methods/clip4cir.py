@@ -26,7 +26,7 @@ from cir_cli.registry import register_method
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from cir_cli.config import CombinerConfig, FinetuneConfig, Recipe
+    from cir_cli.config import Recipe
 
 
 @register_method("clip4cir", config=Clip4CirMethodConfig)
@@ -105,15 +105,10 @@ class Clip4CirFinetune(TripletTrainingTask):
 
     stage = "finetune"
 
-    def __init__(
-        self,
-        model: Clip4Cir,
-        device: torch.device,
-        cfg: FinetuneConfig,
-        **sections: Any,
-    ) -> None:
-        super().__init__(model, device, cfg, **sections)
-        model.image_tower_trainable = cfg.encoder in ("both", "image")
+    def __init__(self, model: Clip4Cir, *args: Any, **kwargs: Any) -> None:
+        # args: device, the stage's section, and the sections of methods/training.py
+        super().__init__(model, *args, **kwargs)
+        model.image_tower_trainable = self.cfg.encoder in ("both", "image")
         # Stage I is the element-wise sum (spec 3.2): train and validate without a Combiner.
         model.combiner = None
         self.features = None
@@ -124,7 +119,7 @@ class Clip4CirFinetune(TripletTrainingTask):
             self.features = self.train_image_features()
         elif self.data.cache_pixels:
             self.pixels = self.train_pixels()
-        if cfg.grad_checkpointing:
+        if self.cfg.grad_checkpointing:
             model.backbone.set_grad_checkpointing(True)
 
     def train_pixels(self) -> tuple[dict[str, int], torch.Tensor]:
@@ -212,18 +207,13 @@ class Clip4CirCombinerTraining(CombinerStage, TripletTrainingTask):
 
     stage = "combiner"
 
-    def __init__(
-        self,
-        model: Clip4Cir,
-        device: torch.device,
-        cfg: CombinerConfig,
-        **sections: Any,
-    ) -> None:
-        super().__init__(model, device, cfg, **sections)
+    def __init__(self, model: Clip4Cir, *args: Any, **kwargs: Any) -> None:
+        # args: device, the stage's section, and the sections of methods/training.py
+        super().__init__(model, *args, **kwargs)
         model.image_tower_trainable = False
         if model.combiner is None:
             model.add_combiner()
-            model.combiner.to(device)
+            model.combiner.to(self.device)
         from cir_cli.data.training import all_text_variants
 
         self.rows, self.image_feats = self.train_image_features()

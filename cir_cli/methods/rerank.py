@@ -521,14 +521,9 @@ class RerankStage1(_RerankTask):
 
     stage = "finetune"
 
-    def __init__(
-        self,
-        model: Rerank,
-        device: torch.device,
-        cfg: FinetuneConfig,
-        **sections: Any,
-    ) -> None:
-        super().__init__(model, device, cfg, **sections)
+    def __init__(self, model: Rerank, *args: Any, **kwargs: Any) -> None:
+        # args: device, the stage's section, and the sections of methods/training.py
+        super().__init__(model, *args, **kwargs)
         model.rerank_disabled = True
         self.rows, self.features = self.train_image_features(lazy=True)
         self.index_triplet_rows(self.rows)

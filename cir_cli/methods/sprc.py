@@ -42,7 +42,7 @@ from cir_cli.registry import register_method
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from cir_cli.config import FinetuneConfig, Recipe
+    from cir_cli.config import Recipe
 
 # SPRC's checkpoint entry (spec 2.5): {"epoch": int, "Blip2QformerCirAlignPrompt": state_dict}.
 SPRC_CHECKPOINT_KEY = "Blip2QformerCirAlignPrompt"
@@ -216,14 +216,9 @@ class SprcFinetune(CachedRowsStage, TripletTrainingTask):
 
     stage = "finetune"
 
-    def __init__(
-        self,
-        model: Sprc,
-        device: torch.device,
-        cfg: FinetuneConfig,
-        **sections: Any,
-    ) -> None:
-        super().__init__(model, device, cfg, **sections)
+    def __init__(self, model: Sprc, *args: Any, **kwargs: Any) -> None:
+        # args: device, the stage's section, and the sections of methods/training.py
+        super().__init__(model, *args, **kwargs)
         self.method_cfg = model.cfg
         if self.cfg.encoder != "both":
             raise CirError(

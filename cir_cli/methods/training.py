@@ -60,12 +60,8 @@ class TripletTrainingTask:
         recipe_record: dict[str, Any],
     ) -> None:
 
-        self.model = model
-        self.device = device
-        self.cfg = cfg
-        self.data = data
-        self.eval_cfg = eval_cfg
-        self.seed = seed
+        self.model, self.device, self.cfg = model, device, cfg
+        self.data, self.eval_cfg, self.seed = data, eval_cfg, seed
         self.recipe_record = recipe_record
         root = Path(data.root).expanduser()
         categories = recipe_categories(data.dataset, data.categories)
