@@ -110,8 +110,12 @@ def _load(recipe: str, overrides: list[str] | None, output_dir: Path | None, dev
     return cfg
 
 
-def _print_dry_run(report) -> None:
-    """Every check's line, then every problem: exit 2 when there is any."""
+def _dry_run(cfg, command: str, **inputs) -> None:
+    """`--dry-run`: run the preflight of `command`, print every check's line, then every
+    problem; exit 2 when there is any."""
+    from cir_cli.preflight import run_preflight
+
+    report = run_preflight(cfg, command, **inputs)
     typer.echo(f"dry run of `cir {report.command}` (no model is loaded):")
     for line in report.lines:
         typer.echo(line)

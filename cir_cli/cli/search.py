@@ -17,8 +17,8 @@ from cir_cli.cli.common import (
     DryRunOpt,
     SetOpt,
     _console,
+    _dry_run,
     _load,
-    _print_dry_run,
     _resolve_and_say,
     cli_command,
     complete_recipe,
@@ -109,13 +109,8 @@ def index(
     if dry_run:
         if recipe is None:
             raise CirError("--dry-run needs --recipe")
-        from cir_cli.preflight import run_preflight
-
         cfg = _load(recipe, overrides, None, device)
-        report = run_preflight(
-            cfg, "index", checkpoint=checkpoint, folder=folder, out=None if update else out
-        )
-        _print_dry_run(report)
+        _dry_run(cfg, "index", checkpoint=checkpoint, folder=folder, out=None if update else out)
         return
     from cir_cli import search as lib
 

@@ -17,8 +17,8 @@ from cir_cli.cli.common import (
     DryRunOpt,
     SetOpt,
     _console,
+    _dry_run,
     _load,
-    _print_dry_run,
     _resolve_and_say,
     cli_command,
     complete_recipe,
@@ -123,9 +123,7 @@ def validate(
     """Evaluate a recipe's model on its dataset's validation split; prints and saves metrics."""
     cfg = _load(recipe, overrides, output_dir, device)
     if dry_run:
-        from cir_cli.preflight import run_preflight
-
-        _print_dry_run(run_preflight(cfg, "validate", checkpoint=checkpoint, split=split))
+        _dry_run(cfg, "validate", checkpoint=checkpoint, split=split)
         return
     from cir_cli.workflows import run_validation
 
@@ -153,9 +151,7 @@ def _train(stage, recipe, overrides, output_dir, device, resume, dry_run=False) 
     if cfg is None and resume is None:
         raise CirError("--recipe is required (or --resume <run dir>)")
     if dry_run:
-        from cir_cli.preflight import run_preflight
-
-        _print_dry_run(run_preflight(_recipe_for_resume(cfg, resume), stage, resume=resume))
+        _dry_run(_recipe_for_resume(cfg, resume), stage, resume=resume)
         return
     if cfg is not None:
         cfg, _ = _resolve_and_say(cfg, None)
@@ -218,9 +214,7 @@ def submit(
     """Write the benchmark's test-server submission files, validated, atomically."""
     cfg = _load(recipe, overrides, output_dir, device)
     if dry_run:
-        from cir_cli.preflight import run_preflight
-
-        _print_dry_run(run_preflight(cfg, "submit", checkpoint=checkpoint, benchmark=benchmark))
+        _dry_run(cfg, "submit", checkpoint=checkpoint, benchmark=benchmark)
         return
     from cir_cli.data import get_dataset
     from cir_cli.workflows import run_submission
