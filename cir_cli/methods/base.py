@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from cir_cli.cache import default_cache
 from cir_cli.checkpoints import (
     extract_state_dict,
     is_safetensors,
@@ -75,8 +76,6 @@ class CIRMethod(nn.Module):
     def task_sections(self) -> dict[str, Any]:
         """The recipe sections every stage task takes (methods/training.py), read from this
         method's recipe: the factories pass them on with the stage's own section."""
-        from cir_cli.cache import default_cache
-
         recipe = self.recipe
         return {
             "data": recipe.data,
