@@ -6,6 +6,7 @@ loaded with weights_only=True), candidate lists, and re-ranking in validate / su
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -683,16 +684,8 @@ def test_dual_encoder_matches_the_reference_module() -> None:
     spec.loader.exec_module(ref)
     from transformers.models.bert.configuration_bert import BertConfig
 
-    cfg = DualEncoderConfig(
-        vocab_size=30,
-        hidden_size=16,
-        num_layers=8,
-        num_heads=2,
-        intermediate_size=24,
-        encoder_width=12,
-        max_position_embeddings=20,
-        merge_from_layer=6,
-    )
+    # 8 layers, so both averaged (0-5) and merged (6-7) cross-attention layers run.
+    cfg = dataclasses.replace(TINY, num_layers=8, merge_from_layer=6)
     bert = BertConfig(
         vocab_size=30,
         hidden_size=16,
